@@ -1,0 +1,1 @@
+"""Speed, cost and quality benchmarks for RxT, each writing JSON (and PNG plots)."""

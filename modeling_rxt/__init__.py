@@ -1,0 +1,38 @@
+"""RxT (Reactive Transformer) as a native Hugging Face transformers model.
+
+Importing this package registers `RxTConfig`, `RxTModel` and `RxTForCausalLM` with `AutoConfig`,
+`AutoModel` and `AutoModelForCausalLM`, so `AutoModelForCausalLM.from_config(RxTConfig(...))` works
+without remote code. A saved checkpoint also loads without this package via `trust_remote_code=True`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_rxt import PRESETS, RxTConfig
+from .modeling_rxt import (
+    RxTCausalLMOutput,
+    RxTEncoderOutput,
+    RxTForCausalLM,
+    RxTModel,
+    RxTModelOutput,
+    RxTPreTrainedModel,
+)
+
+AutoConfig.register("rxt", RxTConfig, exist_ok=True)
+AutoModel.register(RxTConfig, RxTModel, exist_ok=True)
+AutoModelForCausalLM.register(RxTConfig, RxTForCausalLM, exist_ok=True)
+
+# `save_pretrained` writes these modeling files and an `auto_map` next to the weights.
+RxTConfig.register_for_auto_class("AutoConfig")
+RxTModel.register_for_auto_class("AutoModel")
+RxTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "PRESETS",
+    "RxTConfig",
+    "RxTPreTrainedModel",
+    "RxTModel",
+    "RxTForCausalLM",
+    "RxTModelOutput",
+    "RxTCausalLMOutput",
+    "RxTEncoderOutput",
+]

@@ -1,0 +1,285 @@
+"""Reactive Transformer (RxT) configuration.
+
+One config describes all three RxT components (decoder, encoder, memory attention) and the Short-Term
+Memory (STM) they share. Unlike a Llama config it carries three attention settings (self-attention,
+memory cross-attention, memory attention), a decoder feed-forward that may be Mixture-of-Experts, and
+the STM shape / update rule.
+
+Attention heads: `*_attention_heads` splits `hidden_size` into head dims; `*_query_heads` and
+`*_key_value_heads` choose how many of those heads are used for queries and keys/values. So
+MHA (q = kv = heads), GQA (q = heads > kv), MQA (kv = 1), SQA (q < heads), symmetric sSQA
+(q = kv = heads / 2) and extreme xSQA (q = kv <= heads / 4) are all settings of the same module.
+"""
+
+import copy
+
+from transformers import PreTrainedConfig
+
+MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "gated-self-interlayer")
+GATE_TYPES = ("static", "elementwise", "linear")
+GATE_ACTIVATIONS = ("sigmoid", "tanh")
+GATE_GRANULARITIES = ("slot", "layer")
+STM_INIT_MODES = ("learned", "zeros", "normal")
+FEED_FORWARD_TYPES = ("moe", "dense")
+ATTENTION_ROLES = ("self_attention", "memory_cross_attention", "memory_attention")
+
+# Named architectures. "rxt-alpha-micro" follows the public RxT-Alpha Micro model card exactly.
+PRESETS: dict[str, dict] = {
+    # A few thousand parameters per component: for tests.
+    "rxt-tiny": dict(
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_query_heads=2,
+        num_key_value_heads=2,
+        decoder_feed_forward="moe",
+        num_experts=4,
+        num_experts_per_token=2,
+        decoder_intermediate_size=64,
+        encoder_intermediate_size=64,
+        stm_size=8,
+        max_position_embeddings=64,
+        memory_attention_variant="interlayer",
+        residual_gate_type="linear",
+        residual_gate_granularity="slot",
+    ),
+    # RxT-Alpha Micro: dim 128, 6 layers, 8 heads with symmetric SQA 4/8 everywhere, decoder MoE 12x SwiGLU-256
+    # top-2, encoder SwiGLU-384, interlayer memory attention, linear sigmoid per-slot gate, 7.5k vocab,
+    # 256-token interactions, STM 6 x 256 slots.
+    "rxt-alpha-micro": dict(
+        vocab_size=7500,
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_query_heads=4,
+        num_key_value_heads=4,
+        decoder_feed_forward="moe",
+        num_experts=12,
+        num_experts_per_token=2,
+        decoder_intermediate_size=256,
+        encoder_intermediate_size=384,
+        stm_size=256,
+        max_position_embeddings=256,
+        memory_attention_variant="interlayer",
+        residual_gate_type="linear",
+        residual_gate_activation="sigmoid",
+        residual_gate_granularity="slot",
+    ),
+    # Twice the width and a third more depth than Micro, same recipe (~60M parameters, ~20M active): the
+    # next size that still trains on one consumer GPU in hours, with 512-token interactions and STM.
+    "rxt-alpha-mini": dict(
+        vocab_size=16000,
+        hidden_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_query_heads=8,
+        num_key_value_heads=8,
+        decoder_feed_forward="moe",
+        num_experts=16,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        decoder_intermediate_size=512,
+        encoder_intermediate_size=768,
+        stm_size=512,
+        max_position_embeddings=512,
+        memory_attention_variant="interlayer",
+        residual_gate_type="linear",
+        residual_gate_activation="sigmoid",
+        residual_gate_granularity="slot",
+    ),
+}
+
+
+class RxTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Reactive Transformer ([`RxTModel`], [`RxTForCausalLM`]).
+
+    Special tokens follow the RxT interaction template `[BOS][Q] query [A] answer [EOS]`
+    (`[T]` opens a reasoning block before `[A]`).
+
+    Example:
+
+    ```python
+    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> config = RxTConfig.from_preset("rxt-tiny")
+    >>> model = RxTForCausalLM(config)
+    ```
+    """
+
+    model_type = "rxt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 7500
+    hidden_size: int = 128
+    num_hidden_layers: int = 6
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+
+    # decoder self-attention (and the encoder's bidirectional self-attention)
+    num_attention_heads: int = 8
+    num_query_heads: int | None = None
+    num_key_value_heads: int | None = None
+    # decoder memory cross-attention (None: same as self-attention)
+    memory_cross_attention_heads: int | None = None
+    memory_cross_attention_query_heads: int | None = None
+    memory_cross_attention_key_value_heads: int | None = None
+    # memory attention network (None: same as self-attention)
+    memory_attention_heads: int | None = None
+    memory_attention_query_heads: int | None = None
+    memory_attention_key_value_heads: int | None = None
+
+    # decoder feed-forward: Mixture-of-Experts of SwiGLU experts, or one dense SwiGLU
+    decoder_feed_forward: str = "moe"
+    decoder_intermediate_size: int = 256
+    num_experts: int = 12
+    num_experts_per_token: int = 2
+    num_shared_experts: int = 0
+    router_aux_loss_coef: float = 0.01
+    # encoder feed-forward (dense SwiGLU)
+    encoder_intermediate_size: int = 384
+
+    # Short-Term Memory: [layers = num_hidden_layers, stm_size slots, hidden_size]
+    stm_size: int = 256
+    stm_init_mode: str = "learned"
+    stm_init_std: float = 0.02
+    memory_attention_variant: str = "interlayer"
+    residual_gate_type: str = "linear"
+    residual_gate_activation: str = "sigmoid"
+    residual_gate_granularity: str = "slot"
+    residual_gate_init_bias: float = -1.0
+
+    # special tokens (ids of the project's tokenizer: [BOS] [EOS] [PAD] [UNK] [MASK] [Q] [A] [T])
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = 2
+    unk_token_id: int | None = 3
+    mask_token_id: int | None = 4
+    query_token_id: int | None = 5
+    answer_token_id: int | None = 6
+    think_token_id: int | None = 7
+
+    def __post_init__(self, **kwargs):
+        for role in ("memory_cross_attention", "memory_attention"):
+            if getattr(self, f"{role}_heads") is None:
+                setattr(self, f"{role}_heads", self.num_attention_heads)
+            if getattr(self, f"{role}_query_heads") is None:
+                setattr(self, f"{role}_query_heads", self.num_query_heads or getattr(self, f"{role}_heads"))
+            if getattr(self, f"{role}_key_value_heads") is None:
+                setattr(
+                    self,
+                    f"{role}_key_value_heads",
+                    self.num_key_value_heads or getattr(self, f"{role}_query_heads"),
+                )
+        if self.num_query_heads is None:
+            self.num_query_heads = self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_query_heads
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    # ----------------------------------------------------------------------------------------------
+    # validation: every error names the field, the value and the fix
+    def _validate(self):
+        def fail(field, value, fix):
+            raise ValueError(f"RxTConfig.{field}={value!r} is invalid: {fix}")
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "stm_size", "max_position_embeddings"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
+                fail(field, getattr(self, field), "it must be a positive integer.")
+        for role, (heads, query, kv) in self.attention_heads().items():
+            prefix = "" if role == "self_attention" else f"{role}_"
+            heads_field = "num_attention_heads" if role == "self_attention" else f"{role}_heads"
+            query_field = "num_query_heads" if role == "self_attention" else f"{prefix}query_heads"
+            kv_field = "num_key_value_heads" if role == "self_attention" else f"{prefix}key_value_heads"
+            if heads <= 0 or self.hidden_size % heads != 0:
+                fail(heads_field, heads, f"hidden_size={self.hidden_size} must be divisible by it.")
+            if (self.hidden_size // heads) % 2 != 0:
+                fail(heads_field, heads, "the head dim (hidden_size / heads) must be even for rotary embeddings.")
+            if not 0 < query <= heads:
+                fail(query_field, query, f"use between 1 and {heads_field}={heads} query heads.")
+            if kv <= 0 or query % kv != 0:
+                fail(kv_field, kv, f"key/value heads must divide {query_field}={query}.")
+        choices = {
+            "decoder_feed_forward": FEED_FORWARD_TYPES,
+            "memory_attention_variant": MEMORY_ATTENTION_VARIANTS,
+            "residual_gate_type": GATE_TYPES,
+            "residual_gate_activation": GATE_ACTIVATIONS,
+            "residual_gate_granularity": GATE_GRANULARITIES,
+            "stm_init_mode": STM_INIT_MODES,
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                fail(field, getattr(self, field), f"choose one of {allowed}.")
+        if self.decoder_feed_forward == "moe":
+            if self.num_experts < 1:
+                fail("num_experts", self.num_experts, "use at least 1 expert.")
+            if not 0 < self.num_experts_per_token <= self.num_experts:
+                fail(
+                    "num_experts_per_token",
+                    self.num_experts_per_token,
+                    f"it must be between 1 and num_experts={self.num_experts}.",
+                )
+        if self.num_shared_experts < 0:
+            fail("num_shared_experts", self.num_shared_experts, "it cannot be negative.")
+        for field in ("decoder_intermediate_size", "encoder_intermediate_size"):
+            if getattr(self, field) <= 0:
+                fail(field, getattr(self, field), "it must be a positive integer.")
+        if self.stm_init_std < 0:
+            fail("stm_init_std", self.stm_init_std, "it cannot be negative.")
+        token_fields = [name for name in self.special_token_fields() if getattr(self, name) is not None]
+        for name in token_fields:
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                fail(name, value, f"token ids must lie in [0, vocab_size={self.vocab_size}).")
+
+    @staticmethod
+    def special_token_fields() -> tuple[str, ...]:
+        return (
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "unk_token_id",
+            "mask_token_id",
+            "query_token_id",
+            "answer_token_id",
+            "think_token_id",
+        )
+
+    def attention_heads(self) -> dict[str, tuple[int, int, int]]:
+        """`{role: (heads for the split, query heads, key/value heads)}` for the three attention roles."""
+        return {
+            "self_attention": (self.num_attention_heads, self.num_query_heads, self.num_key_value_heads),
+            "memory_cross_attention": (
+                self.memory_cross_attention_heads,
+                self.memory_cross_attention_query_heads,
+                self.memory_cross_attention_key_value_heads,
+            ),
+            "memory_attention": (
+                self.memory_attention_heads,
+                self.memory_attention_query_heads,
+                self.memory_attention_key_value_heads,
+            ),
+        }
+
+    @property
+    def stm_shape(self) -> tuple[int, int, int]:
+        """Shape of one conversation's STM: `(layers, slots, hidden_size)`."""
+        return (self.num_hidden_layers, self.stm_size, self.hidden_size)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "RxTConfig":
+        """Build a named architecture (`rxt-tiny`, `rxt-alpha-micro`, `rxt-alpha-mini`), with field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown RxT preset name={name!r}: choose one of {sorted(PRESETS)}.")
+        return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
+
+
+__all__ = ["RxTConfig", "PRESETS"]

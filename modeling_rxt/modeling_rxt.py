@@ -1,0 +1,936 @@
+"""Reactive Transformer (RxT) for Hugging Face transformers.
+
+An RxT answers one interaction at a time. The decoder reads the current query and a fixed-size Short-Term
+Memory (STM) through memory cross-attention; after the answer, the encoder encodes `query + answer` and
+the memory attention network writes it into a new STM. How it differs from Llama:
+
+- three components share one token embedding: decoder (causal self-attention -> memory cross-attention ->
+  MoE or dense SwiGLU), encoder (bidirectional self-attention -> dense SwiGLU), memory attention;
+- the STM is a plain tensor `[batch, layers, slots, dim]` passed in and out (never a module buffer), so one
+  model serves many conversations; memory keys carry no positional signal (a set, not a sequence): RoPE
+  rotates only queries in memory cross-attention and only keys in memory attention;
+- during generation the STM keys/values are projected once per `generate()` call and kept in the
+  cross-attention half of an `EncoderDecoderCache` (as Whisper/BART do for encoder states).
+
+The file is built bottom-up: norms and rotary helpers, attention, feed-forwards, layers, components,
+pre-trained base, `RxTModel`, `RxTForCausalLM`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .configuration_rxt import RxTConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------
+# outputs
+
+
+@dataclass
+class RxTModelOutput(ModelOutput):
+    """Decoder output of [`RxTModel`]: last hidden state, self-attention + memory cache, MoE aux loss."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class RxTCausalLMOutput(ModelOutput):
+    """Output of [`RxTForCausalLM`]. `loss` is the token cross-entropy plus `router_aux_loss_coef * router_aux_loss`."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class RxTEncoderOutput(ModelOutput):
+    """Encoder output: final normed states (for an MLM head) and every layer's states (the memory input)."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    layer_states: torch.FloatTensor | None = None  # [B, L, T, D]
+
+
+# ------------------------------------------------------------------------------------------------------
+# small helpers: norm, rotary embedding, masks
+
+
+class RxTRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(states: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate `states` [B, H, T, hd] by positions [B, T] (RoPE, computed on the fly: no buffers to load)."""
+    head_dim = states.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=states.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids[..., None].to(torch.float32) * inv_freq  # [B, T, hd/2]
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+    cos, sin = angles.cos().to(states.dtype), angles.sin().to(states.dtype)
+    return states * cos + rotate_half(states) * sin
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None, length: int, past_length: int, device) -> torch.Tensor:
+    """Position ids [B or 1, length] of the last `length` tokens; padding does not advance positions."""
+    if attention_mask is None:
+        return torch.arange(past_length, past_length + length, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -length:]
+
+
+def causal_mask(attention_mask: torch.Tensor | None, query_length: int, key_length: int, dtype, device) -> torch.Tensor:
+    """Additive mask [B or 1, 1, Tq, Tk]: query i (the last Tq of Tk positions) sees keys <= i that are not padding."""
+    query_positions = torch.arange(key_length - query_length, key_length, device=device)
+    allowed = torch.arange(key_length, device=device)[None, :] <= query_positions[:, None]  # [Tq, Tk]
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def padding_mask(attention_mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """Additive mask [B, 1, 1, Tk] hiding padded keys, or None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    hidden = ~attention_mask[:, None, None, :].bool()
+    return torch.zeros(hidden.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        hidden, torch.finfo(dtype).min
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# attention
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention; `query` [B, Hq, Tq, hd], `key`/`value` [B, Hkv, Tk, hd]."""
+    groups = module.num_key_value_groups
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, Hq, Tq, Tk]
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # [B, Tq, Hq, hd]
+    return output, weights
+
+
+class RxTAttention(nn.Module):
+    """One attention module for every RxT role, parameterised by head counts and where RoPE applies.
+
+    `num_heads` splits `hidden_size` into head dims; `num_query_heads` of them make queries (the output
+    projection reads `num_query_heads * head_dim`, as in Sparse Query Attention) and `num_key_value_heads`
+    make keys/values (GQA-style sharing). `rope` is one of "query_key" (self-attention), "query" (memory
+    cross-attention: memory is a set) or "key" (memory attention: memory slots are the queries), "none".
+    """
+
+    def __init__(self, config: RxTConfig, role: str, rope: str, layer_idx: int):
+        super().__init__()
+        num_heads, num_query_heads, num_key_value_heads = config.attention_heads()[role]
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // num_heads
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.num_key_value_groups = num_query_heads // num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.rope_query = rope in ("query_key", "query")
+        self.rope_key = rope in ("query_key", "key")
+        self.rope_theta = config.rope_theta
+        self.is_causal = False  # causality always comes from the explicit mask
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, num_query_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_query_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = states.shape
+        return states.view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+
+    def project_key_value(self, source: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """Keys and values [B, Hkv, Tk, hd] from `source` [B, Tk, D]."""
+        key = self.split_heads(self.k_proj(source))
+        value = self.split_heads(self.v_proj(source))
+        if self.rope_key:
+            key = apply_rotary(key, position_ids, self.rope_theta)
+        return key, value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, Tq, D]
+        key_value_states: torch.Tensor | None = None,  # [B, Tk, D]; None: self-attention
+        attention_mask: torch.Tensor | None = None,  # additive [B, 1, Tq, Tk]
+        position_ids: torch.Tensor | None = None,  # [B, Tq]
+        key_position_ids: torch.Tensor | None = None,  # [B, Tk] for cross sources with rotated keys
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        query = self.split_heads(self.q_proj(hidden_states))  # [B, Hq, Tq, hd]
+        if self.rope_query:
+            query = apply_rotary(query, position_ids, self.rope_theta)
+
+        if key_value_states is None:  # self-attention, optionally cached
+            key, value = self.project_key_value(hidden_states, position_ids)
+            if past_key_values is not None:
+                cache = getattr(past_key_values, "self_attention_cache", past_key_values)
+                key, value = cache.update(key, value, self.layer_idx)
+        elif isinstance(past_key_values, EncoderDecoderCache):  # memory cross-attention: project once per call
+            if past_key_values.is_updated.get(self.layer_idx):
+                layer = past_key_values.cross_attention_cache.layers[self.layer_idx]
+                key, value = layer.keys, layer.values
+            else:
+                key, value = self.project_key_value(key_value_states, key_position_ids)
+                key, value = past_key_values.cross_attention_cache.update(key, value, self.layer_idx)
+                past_key_values.is_updated[self.layer_idx] = True
+        else:
+            key, value = self.project_key_value(key_value_states, key_position_ids)
+
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        return self.o_proj(output.reshape(batch, length, -1))
+
+
+# ------------------------------------------------------------------------------------------------------
+# feed-forward: dense SwiGLU and Mixture-of-Experts
+
+
+class RxTSwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RxTMoE(nn.Module):
+    """Top-k routed SwiGLU experts (weights renormalised over the chosen k) plus optional shared experts.
+
+    Returns the output and a Switch-style load-balancing loss `E * sum_e(f_e * p_e)` (f: fraction of
+    routed assignments, p: mean router probability) over non-padding tokens.
+    """
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_token
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            RxTSwiGLU(config.hidden_size, config.decoder_intermediate_size) for _ in range(config.num_experts)
+        )
+        self.shared_experts = nn.ModuleList(
+            RxTSwiGLU(config.hidden_size, config.decoder_intermediate_size) for _ in range(config.num_shared_experts)
+        )
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
+        batch, length, dim = x.shape
+        flat = x.reshape(-1, dim)  # [N, D]
+        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)  # [N, E]
+        top_weights, top_experts = probs.topk(self.top_k, dim=-1)  # [N, k]
+        top_weights = (top_weights / top_weights.sum(-1, keepdim=True)).to(flat.dtype)
+
+        output = torch.zeros_like(flat)
+        for expert_idx, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(top_experts == expert_idx)
+            if token_idx.numel() == 0:
+                continue
+            expert_out = expert(flat[token_idx]) * top_weights[token_idx, slot, None]
+            output.index_add_(0, token_idx, expert_out)
+        for shared in self.shared_experts:
+            output = output + shared(flat)
+
+        valid = torch.ones(flat.shape[0], device=x.device) if token_mask is None else token_mask.reshape(-1).float()
+        count = valid.sum().clamp(min=1)
+        assigned = F.one_hot(top_experts, self.num_experts).sum(1).float()  # [N, E]
+        fraction = (assigned * valid[:, None]).sum(0) / (count * self.top_k)
+        mean_prob = (probs * valid[:, None]).sum(0) / count
+        aux_loss = self.num_experts * (fraction * mean_prob).sum()
+        return output.view(batch, length, dim), aux_loss
+
+    def active_parameters(self) -> int:
+        per_expert = sum(p.numel() for p in self.experts[0].parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return total - (self.num_experts - self.top_k) * per_expert
+
+
+# ------------------------------------------------------------------------------------------------------
+# residual gate
+
+
+class RxTResidualGate(nn.Module):
+    """Blends the old memory with its update: sigmoid `(1 - G) * old + G * update`, tanh `(1 + G) * update + (1 - G) * old`.
+
+    `G` is static (learned weights only), elementwise or linear (computed from `old + update`).
+    Granularity "slot": one gate value per memory slot, from parameters specific to each slot (the gate
+    then depends on slot identity). Granularity "layer": parameters shared by every slot of the layer and
+    one gate value per feature, so the update stays permutation-equivariant over slots.
+    """
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.gate_type = config.residual_gate_type
+        self.activation = config.residual_gate_activation
+        self.per_slot = config.residual_gate_granularity == "slot"
+        width = config.stm_size if self.per_slot else config.hidden_size
+        if self.gate_type == "static":
+            self.weight = nn.Parameter(torch.empty(config.stm_size, 1) if self.per_slot else torch.empty(1))
+        elif self.gate_type == "elementwise":
+            self.weight = nn.Parameter(torch.empty(width))
+            self.bias = nn.Parameter(torch.empty(width))
+        else:
+            self.proj = nn.Linear(width, width)
+
+    def gate(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        if self.gate_type == "static":
+            logits = self.weight  # [S, 1] or [1]
+        else:
+            source = old + update  # [B, S, D]
+            if self.per_slot:
+                source = source.mean(-1)  # [B, S]
+            logits = source * self.weight + self.bias if self.gate_type == "elementwise" else self.proj(source)
+            if self.per_slot:
+                logits = logits[..., None]  # [B, S, 1]
+        return torch.sigmoid(logits) if self.activation == "sigmoid" else torch.tanh(logits)
+
+    def forward(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        gate = self.gate(old, update)
+        if self.activation == "sigmoid":
+            return (1 - gate) * old + gate * update
+        return (1 + gate) * update + (1 - gate) * old
+
+
+# ------------------------------------------------------------------------------------------------------
+# layers
+
+
+class RxTDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm: causal self-attention -> memory cross-attention (STM as a set) -> MoE / dense SwiGLU."""
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = RxTAttention(config, "self_attention", rope="query_key", layer_idx=layer_idx)
+        self.memory_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cross_attn_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.memory_cross_attn = RxTAttention(config, "memory_cross_attention", rope="query", layer_idx=layer_idx)
+        self.ff_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.decoder_feed_forward == "moe"
+        if self.is_moe:
+            self.feed_forward = RxTMoE(config)
+        else:
+            self.feed_forward = RxTSwiGLU(config.hidden_size, config.decoder_intermediate_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, T, D]
+        memory: torch.Tensor,  # [B, S, D] this layer's STM
+        attention_mask: torch.Tensor | None = None,  # additive causal [B, 1, T, Tk]
+        memory_mask: torch.Tensor | None = None,  # additive [B, 1, 1, S]
+        position_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,  # [B, T] for the MoE aux loss
+        past_key_values: Cache | None = None,
+    ):
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.self_attn_norm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.memory_cross_attn(
+            self.cross_attn_norm(hidden_states),
+            key_value_states=self.memory_norm(memory),
+            attention_mask=memory_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        if self.is_moe:
+            hidden_states, aux_loss = self.feed_forward(self.ff_norm(hidden_states), token_mask)
+        else:
+            hidden_states, aux_loss = self.feed_forward(self.ff_norm(hidden_states)), hidden_states.new_zeros(())
+        return residual + hidden_states, aux_loss
+
+
+class RxTEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm: bidirectional self-attention -> dense SwiGLU. No memory cross-attention (see the RxT paper)."""
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = RxTAttention(config, "self_attention", rope="query_key", layer_idx=layer_idx)
+        self.ff_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = RxTSwiGLU(config.hidden_size, config.encoder_intermediate_size)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None):
+        hidden_states = hidden_states + self.self_attn(
+            self.self_attn_norm(hidden_states), attention_mask=attention_mask, position_ids=position_ids
+        )
+        return hidden_states + self.feed_forward(self.ff_norm(hidden_states))
+
+
+class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
+    """Writes one layer's encoded interaction into its STM layer.
+
+    With old state `s` and encoded data `e`: `u = Attn(Q=MemNorm(s'), K=V=Norm(e))` (RoPE on keys only),
+    `new = Gate(s', u)`. `s'` depends on the variant: `simple` s; `self` s after gated self-attention over
+    the slots; `interlayer` s after gated attention to the mean of all layers' slots; `gated-self-interlayer`
+    like interlayer, its keys/values a gated blend of the own layer and the inter-layer mean.
+    """
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__()
+        self.variant = config.memory_attention_variant
+        eps = config.rms_norm_eps
+        if self.variant != "simple":
+            self.pre_query_norm = RxTRMSNorm(config.hidden_size, eps)
+            self.pre_key_value_norm = RxTRMSNorm(config.hidden_size, eps)
+            self.pre_attention = RxTAttention(config, "memory_attention", rope="none", layer_idx=layer_idx)
+            self.pre_gate = RxTResidualGate(config)
+        if self.variant == "gated-self-interlayer":
+            self.source_gate = RxTResidualGate(config)
+        self.memory_norm = RxTRMSNorm(config.hidden_size, eps)
+        self.encoded_norm = RxTRMSNorm(config.hidden_size, eps)
+        self.attention = RxTAttention(config, "memory_attention", rope="key", layer_idx=layer_idx)
+        self.gate = RxTResidualGate(config)
+
+    def forward(
+        self,
+        stm_layer: torch.Tensor,  # [B, S, D]
+        stm_mean: torch.Tensor,  # [B, S, D] mean over layers of the old STM
+        encoded: torch.Tensor,  # [B, T, D]
+        encoded_mask: torch.Tensor | None = None,  # additive [B, 1, 1, T]
+        encoded_position_ids: torch.Tensor | None = None,  # [B, T]
+    ) -> torch.Tensor:
+        state = stm_layer
+        if self.variant != "simple":
+            if self.variant == "self":
+                source = stm_layer
+            elif self.variant == "interlayer":
+                source = stm_mean
+            else:
+                source = self.source_gate(stm_layer, stm_mean)
+            update = self.pre_attention(
+                self.pre_query_norm(stm_layer), key_value_states=self.pre_key_value_norm(source)
+            )
+            state = self.pre_gate(stm_layer, update)
+        update = self.attention(
+            self.memory_norm(state),
+            key_value_states=self.encoded_norm(encoded),
+            attention_mask=encoded_mask,
+            key_position_ids=encoded_position_ids,
+        )
+        return self.gate(state, update)
+
+
+# ------------------------------------------------------------------------------------------------------
+# components
+
+
+class RxTDecoder(nn.Module):
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(RxTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # [B, T, D]
+        memory: torch.Tensor,  # [B, L, S, D]
+        attention_mask: torch.Tensor | None = None,  # [B, past + T]
+        memory_attention_mask: torch.Tensor | None = None,  # [B, S]
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        output_hidden_states: bool = False,
+    ):
+        batch, length, _ = inputs_embeds.shape
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, length, past_length, inputs_embeds.device)
+        self_mask = causal_mask(attention_mask, length, past_length + length, inputs_embeds.dtype, inputs_embeds.device)
+        memory_mask = padding_mask(memory_attention_mask, inputs_embeds.dtype)
+        token_mask = attention_mask[:, -length:] if attention_mask is not None else None
+
+        hidden_states, aux_loss = inputs_embeds, inputs_embeds.new_zeros(())
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        for idx, layer in enumerate(self.layers):
+            hidden_states, layer_aux = layer(
+                hidden_states,
+                memory[:, idx],
+                attention_mask=self_mask,
+                memory_mask=memory_mask,
+                position_ids=position_ids,
+                token_mask=token_mask,
+                past_key_values=past_key_values,
+            )
+            aux_loss = aux_loss + layer_aux
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        return self.norm(hidden_states), all_hidden, aux_loss / len(self.layers)
+
+
+class RxTEncoder(nn.Module):
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(RxTEncoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RxTEncoderOutput:
+        batch, length, _ = inputs_embeds.shape
+        position_ids = positions_from_mask(attention_mask, length, 0, inputs_embeds.device)
+        mask = padding_mask(attention_mask, inputs_embeds.dtype)
+        hidden_states, layer_states = inputs_embeds, []
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids)
+            layer_states.append(hidden_states)
+        return RxTEncoderOutput(
+            last_hidden_state=self.norm(hidden_states),
+            layer_states=torch.stack(layer_states, dim=1),  # [B, L, T, D]
+        )
+
+
+class RxTMemoryAttention(nn.Module):
+    """The memory attention network: all layers read the old STM, the new STM is written at once."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(RxTMemoryAttentionLayer(config, i) for i in range(config.num_hidden_layers))
+        if config.stm_init_mode == "learned":
+            self.initial_stm = nn.Parameter(torch.empty(config.stm_shape))
+
+    def forward(
+        self,
+        stm_state: torch.Tensor,  # [B, L, S, D]
+        encoded: torch.Tensor,  # [B, L, T, D]
+        attention_mask: torch.Tensor | None = None,  # [B, T]
+    ) -> torch.Tensor:
+        length = encoded.shape[2]
+        position_ids = positions_from_mask(attention_mask, length, 0, encoded.device)
+        mask = padding_mask(attention_mask, encoded.dtype)
+        stm_mean = stm_state.mean(dim=1)  # [B, S, D]
+        new_layers = [
+            layer(stm_state[:, idx], stm_mean, encoded[:, idx], mask, position_ids)
+            for idx, layer in enumerate(self.layers)
+        ]
+        return torch.stack(new_layers, dim=1)  # [B, L, S, D]
+
+
+# ------------------------------------------------------------------------------------------------------
+# pre-trained base
+
+
+class RxTPreTrainedModel(PreTrainedModel):
+    config: RxTConfig
+    config_class = RxTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttentionLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights (safetensors), config, and `auto_map` entries for every Auto class with the modeling files,
+        so the folder loads through AutoConfig / AutoModel / AutoModelForCausalLM with `trust_remote_code=True`."""
+        module = RxTModel.__module__.split(".")[-1]
+        config_module = RxTConfig.__module__.split(".")[-1]
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": f"{config_module}.RxTConfig",
+            "AutoModel": f"{module}.RxTModel",
+            "AutoModelForCausalLM": f"{module}.RxTForCausalLM",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, RxTResidualGate):
+            if module.gate_type == "static":
+                init.constant_(module.weight, config.residual_gate_init_bias)
+            elif module.gate_type == "elementwise":
+                init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+                init.constant_(module.bias, config.residual_gate_init_bias)
+            else:
+                init.normal_(module.proj.weight, mean=0.0, std=config.initializer_range)
+                init.constant_(module.proj.bias, config.residual_gate_init_bias)
+        elif isinstance(module, RxTMemoryAttention) and hasattr(module, "initial_stm"):
+            init.normal_(module.initial_stm, mean=0.0, std=config.stm_init_std)
+
+
+# ------------------------------------------------------------------------------------------------------
+# models
+
+
+class RxTModel(RxTPreTrainedModel):
+    """The RxT backbone: shared embedding, decoder, encoder, memory attention. `forward` runs the decoder."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.decoder = RxTDecoder(config)
+        self.encoder = RxTEncoder(config)
+        self.memory_attention = RxTMemoryAttention(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    # --- memory -------------------------------------------------------------------------------------
+
+    def init_memory(
+        self,
+        batch_size: int = 1,
+        mode: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """A fresh STM `[batch_size, layers, slots, dim]`: `learned` (the trained initial state), `zeros` or
+        `normal` (random, std `config.stm_init_std`). Defaults to `config.stm_init_mode`."""
+        mode = mode or self.config.stm_init_mode
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"init_memory(batch_size={batch_size!r}): batch_size must be a positive integer.")
+        shape = (batch_size, *self.config.stm_shape)
+        reference = self.embed_tokens.weight
+        if mode == "learned":
+            if not hasattr(self.memory_attention, "initial_stm"):
+                raise ValueError(
+                    "init_memory(mode='learned') needs a model built with config.stm_init_mode='learned'; "
+                    "use mode='zeros' or mode='normal'."
+                )
+            return self.memory_attention.initial_stm[None].expand(shape).clone()
+        if mode == "zeros":
+            return torch.zeros(shape, dtype=reference.dtype, device=reference.device)
+        if mode == "normal":
+            noise = torch.randn(shape, generator=generator, device=reference.device if generator is None else generator.device)
+            return (noise * self.config.stm_init_std).to(device=reference.device, dtype=reference.dtype)
+        raise ValueError(f"init_memory(mode={mode!r}): choose one of 'learned', 'zeros', 'normal'.")
+
+    def check_stm_state(self, stm_state: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Validate an STM for a batch; a single state (batch 1) is broadcast to the batch."""
+        layers, slots, dim = self.config.stm_shape
+        expected = f"[batch={batch_size}, layers={layers}, slots={slots}, dim={dim}]"
+        if not isinstance(stm_state, torch.Tensor):
+            raise TypeError(f"stm_state must be a torch.Tensor of shape {expected}, got {type(stm_state).__name__}.")
+        if stm_state.dim() != 4 or tuple(stm_state.shape[1:]) != (layers, slots, dim) or stm_state.shape[0] not in (
+            1,
+            batch_size,
+        ):
+            raise ValueError(
+                f"stm_state has shape {list(stm_state.shape)}, expected {expected} (batch-first). Build one with "
+                "model.init_memory(batch_size) or model.update_memory(...)."
+            )
+        reference = self.embed_tokens.weight
+        if stm_state.dtype != reference.dtype:
+            raise TypeError(
+                f"stm_state has dtype {stm_state.dtype}, the model runs in {reference.dtype}: pass "
+                f"stm_state.to({reference.dtype}) (shape {expected})."
+            )
+        if stm_state.device != reference.device:
+            raise ValueError(
+                f"stm_state is on {stm_state.device}, the model on {reference.device}: move it with "
+                f"stm_state.to('{reference.device}')."
+            )
+        return stm_state.expand(batch_size, -1, -1, -1) if stm_state.shape[0] != batch_size else stm_state
+
+    def check_input_ids(self, input_ids: torch.Tensor, argument: str = "input_ids"):
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"{argument} must have shape [batch, length>0], got {list(input_ids.shape)}.")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{argument} has {input_ids.shape[1]} tokens, more than max_position_embeddings="
+                f"{self.config.max_position_embeddings} (one interaction); shorten the query/answer or use a "
+                "model configured for longer interactions."
+            )
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RxTEncoderOutput:
+        """Encode one interaction `[BOS][Q] query [A] answer [EOS]` -> every layer's states (the memory input)."""
+        self.check_input_ids(input_ids)
+        return self.encoder(self.embed_tokens(input_ids), attention_mask)
+
+    def update_memory(
+        self,
+        stm_state: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """New STM after one full interaction (encoder + memory attention); padded positions never reach memory."""
+        batch = input_ids.shape[0]
+        stm_state = self.init_memory(batch) if stm_state is None else self.check_stm_state(stm_state, batch)
+        encoded = self.encode(input_ids, attention_mask).layer_states
+        return self.memory_attention(stm_state, encoded, attention_mask)
+
+    # --- decoding -----------------------------------------------------------------------------------
+
+    def decode(
+        self,
+        memory: torch.Tensor,  # [B, L, S, D] any slot count (training reads encoder states as memory)
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        memory_attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> RxTModelOutput:
+        """Run the decoder reading `memory` (no shape check on the slots: stages 1-2 pass encoder states)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        hidden, all_hidden, aux_loss = self.decoder(
+            inputs_embeds,
+            memory,
+            attention_mask=attention_mask,
+            memory_attention_mask=memory_attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            output_hidden_states=output_hidden_states,
+        )
+        return RxTModelOutput(
+            last_hidden_state=hidden,
+            past_key_values=past_key_values,
+            hidden_states=all_hidden,
+            router_aux_loss=aux_loss,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        stm_state: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> RxTModelOutput:
+        r"""
+        stm_state (`torch.Tensor` of shape `[batch, layers, slots, dim]`, *optional*):
+            The conversation's Short-Term Memory; absent means a fresh memory (`init_memory`).
+        """
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            raise ValueError("Pass input_ids or inputs_embeds.")
+        batch = reference.shape[0]
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length + reference.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The interaction has {past_length + reference.shape[1]} tokens, more than max_position_embeddings="
+                f"{self.config.max_position_embeddings}; shorten the query or lower max_new_tokens."
+            )
+        stm_state = self.init_memory(batch) if stm_state is None else self.check_stm_state(stm_state, batch)
+
+        if use_cache:
+            if past_key_values is None:
+                past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+            elif not isinstance(past_key_values, EncoderDecoderCache):
+                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
+        else:
+            past_key_values = None
+
+        return self.decode(
+            stm_state,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+
+    # --- introspection --------------------------------------------------------------------------------
+
+    def num_parameters_by_component(self, lm_head: nn.Module | None = None) -> dict[str, int]:
+        """Parameter counts as the RxT model cards give them: the shared embedding counts inside both the
+        decoder and the encoder, the decoder includes the LM head, `decoder_active` counts only the top-k
+        experts. `total` counts every parameter once."""
+
+        def count(module):
+            return sum(p.numel() for p in module.parameters())
+
+        embedding = count(self.embed_tokens)
+        head = 0
+        if lm_head is not None and lm_head.weight is not self.embed_tokens.weight:
+            head = count(lm_head)
+        decoder = count(self.decoder)
+        inactive = sum(
+            count(layer.feed_forward) - layer.feed_forward.active_parameters()
+            for layer in self.decoder.layers
+            if layer.is_moe
+        )
+        initial_stm = self.memory_attention.initial_stm.numel() if hasattr(self.memory_attention, "initial_stm") else 0
+        return {
+            "embedding": embedding,
+            "decoder": decoder + embedding + head,
+            "decoder_active": decoder - inactive + embedding + head,
+            "encoder": count(self.encoder) + embedding,
+            "memory_attention": count(self.memory_attention) - initial_stm,
+            "initial_stm": initial_stm,
+            "total": count(self) + head,
+        }
+
+
+class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
+    """RxT with a language-modelling head: `generate()` answers a query reading the STM.
+
+    Example:
+
+    ```python
+    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> model = RxTForCausalLM(RxTConfig.from_preset("rxt-tiny")).eval()
+    >>> stm = model.init_memory(batch_size=1)
+    >>> query = torch.tensor([[0, 5, 42, 43, 6]])  # [BOS][Q] ... [A]
+    >>> answer = model.generate(query, stm_state=stm, max_new_tokens=8, do_sample=False)
+    >>> stm = model.update_memory(stm, answer)  # the whole interaction goes into memory
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        self.model = RxTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def init_memory(self, batch_size: int = 1, mode: str | None = None, generator=None) -> torch.Tensor:
+        return self.model.init_memory(batch_size, mode=mode, generator=generator)
+
+    def update_memory(self, stm_state, input_ids, attention_mask=None) -> torch.Tensor:
+        return self.model.update_memory(stm_state, input_ids, attention_mask)
+
+    def num_parameters_by_component(self) -> dict[str, int]:
+        return self.model.num_parameters_by_component(lm_head=self.lm_head)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        stm_state: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> RxTCausalLMOutput:
+        r"""
+        stm_state (`torch.Tensor` of shape `[batch, layers, slots, dim]`, *optional*):
+            The conversation's Short-Term Memory; absent means a fresh memory.
+        labels (`torch.LongTensor` of shape `[batch, length]`, *optional*):
+            Next-token targets (shifted inside), `-100` ignored.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            stm_state=stm_state,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if self.config.decoder_feed_forward == "moe":
+                loss = loss + self.config.router_aux_loss_coef * outputs.router_aux_loss
+        return RxTCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            router_aux_loss=outputs.router_aux_loss,
+        )
+
+
+__all__ = [
+    "RxTPreTrainedModel",
+    "RxTModel",
+    "RxTForCausalLM",
+    "RxTModelOutput",
+    "RxTCausalLMOutput",
+    "RxTEncoderOutput",
+]

@@ -1,0 +1,50 @@
+"""Install RxT for Hugging Face: the model (remote-code folder), trainers, recipes and benchmarks."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+README = HERE / "README.md"
+
+_TOP_LEVEL = ["modeling_rxt", "trainers", "recipes", "benchmarks", "model_cards"]
+
+setup(
+    name="rxt-hf",
+    version="0.1.0",
+    description="Reactive Transformer (RxT) as a native Hugging Face transformers model, with trainers for the full RxT curriculum.",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
+    long_description_content_type="text/markdown",
+    author="the rxt-hf authors",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=[name for top in _TOP_LEVEL for name in (top, f"{top}.*")]),
+    package_data={
+        "recipes": ["*.yaml"],
+        "model_cards": ["*.md"],
+    },
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "peft>=0.13",
+        "trl==1.16.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "tqdm",
+        "pyyaml",
+        "sacrebleu>=2.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": ["rxt=recipes.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: OS Independent",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
