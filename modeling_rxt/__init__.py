@@ -8,6 +8,8 @@ without remote code. A saved checkpoint also loads without this package via `tru
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_rxt import PRESETS, RxTConfig
+from .interaction_rxt import InteractionEvent, RxTChat, load_memory, save_memory
+from .tokenization_rxt import build_tokenizer, decode_interaction, encode_interaction, special_token_ids
 from .modeling_rxt import (
     RxTCausalLMOutput,
     RxTEncoderOutput,
@@ -27,6 +29,14 @@ RxTModel.register_for_auto_class("AutoModel")
 RxTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "InteractionEvent",
+    "RxTChat",
+    "build_tokenizer",
+    "decode_interaction",
+    "encode_interaction",
+    "special_token_ids",
+    "load_memory",
+    "save_memory",
     "PRESETS",
     "RxTConfig",
     "RxTPreTrainedModel",

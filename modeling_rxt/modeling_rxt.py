@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_rxt import RxTConfig
+from .interaction_rxt import load_memory, memory_from_prompt, save_memory, stream_interaction
 
 logger = logging.get_logger(__name__)
 
@@ -873,6 +874,29 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
 
     def num_parameters_by_component(self) -> dict[str, int]:
         return self.model.num_parameters_by_component(lm_head=self.lm_head)
+
+    # --- talking to the model -------------------------------------------------------------------------
+
+    def interact(self, query, stm_state=None, tokenizer=None, attention_mask=None, **generate_kwargs):
+        """Answer one query (text, list of texts, or ids `[BOS][Q] ... [A]`) and update memory.
+
+        Yields [`InteractionEvent`]s: `"token"` per generated step (streaming), `"answer"` when the answer is
+        complete, then `"memory_update_start"` and `"memory_update_end"` (with the new `stm_state`). Batches of
+        queries of different lengths are left-padded; each row reads its own STM row.
+        """
+        return stream_interaction(self, query, stm_state, tokenizer, attention_mask, **generate_kwargs)
+
+    def memory_from_prompt(self, query: str, answer: str = "", tokenizer=None, stm_state=None) -> torch.Tensor:
+        """Initial memory from a "system prompt" interaction (query, optional answer)."""
+        return memory_from_prompt(self, query, answer, tokenizer, stm_state)
+
+    def save_memory(self, stm_state: torch.Tensor, path) -> None:
+        """Export an STM to a safetensors file (with the memory geometry as metadata)."""
+        save_memory(stm_state, path, self.config)
+
+    def load_memory(self, path) -> torch.Tensor:
+        """Import an STM saved by `save_memory`; a state of another geometry is refused."""
+        return load_memory(path, self)
 
     def forward(
         self,
