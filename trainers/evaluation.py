@@ -1,0 +1,472 @@
+"""Memory evaluation of an RxT model on multi-turn conversations (used by ``rxt eval``).
+
+:func:`evaluate_memory` plays every conversation turn by turn, the way a chat would: the model
+answers each query greedily reading its Short-Term Memory (STM), then the interaction
+``[BOS][Q] query [A] answer [EOS]`` is written into the STM. It reports
+
+- **answer perplexity**: ``exp`` of the mean cross-entropy of the *reference* answer tokens (and
+  the closing ``[EOS]``), teacher-forced in one forward pass given the query and the current STM,
+  averaged over every answer token of every turn;
+- **recall accuracy by distance**: on turns that ask for a fact planted ``d`` turns earlier
+  (``recall_distance > 0``), the generated answer is correct when it contains every word of
+  ``answer_keywords`` (case-insensitive, whole words);
+- the same numbers for a **no-memory control**: the same model with the STM reset to a fresh
+  ``init_memory`` before every turn. The control runs in the same batch as the memory run (two STMs
+  per conversation), so both see exactly the same queries and settings.
+
+Conversations are processed in groups of ``batch_size``; turn ``k`` of every conversation of a
+group that still has one is answered in one batched ``generate`` call (queries left-padded), so a
+conversation's result does not depend on the batch it is in.
+
+Rows use the multi-turn layout of the embedded data (and the public RxT data sets): ``query``,
+``answer``, ``interactions: [{query, answer}]``, and optionally ``recall_distance`` and
+``answer_keywords`` (one entry per follow-up interaction; the first turn is never a recall turn).
+Without them only perplexity is measured.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from modeling_rxt.tokenization_rxt import encode_interaction, special_token_ids
+
+__all__ = ["evaluate_memory", "format_evaluation_table", "keywords_match"]
+
+_WORD_RE = re.compile(r"[A-Za-z0-9]+")
+MEMORY_SOURCES = ("generated", "reference")
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring helpers
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD_RE.findall(text)]
+
+
+def keywords_match(text: str, keywords: Iterable[str]) -> bool:
+    """True when every keyword occurs in ``text`` as whole word(s), case-insensitively.
+
+    A keyword of several words must occur as that contiguous word sequence. An empty keyword
+    list never matches (there is nothing to recall).
+    """
+    words = _words(text)
+    keywords = [k for k in keywords if _words(k)]
+    if not keywords:
+        return False
+    for keyword in keywords:
+        kw = _words(keyword)
+        n = len(kw)
+        if not any(words[i : i + n] == kw for i in range(len(words) - n + 1)):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def _conversation_turns(row: Mapping[str, Any], index: int) -> dict:
+    """One data row -> ``{"id", "turns": [{query, answer, distance, keywords}]}``."""
+    missing = [c for c in ("query", "answer") if c not in row]
+    if missing:
+        raise ValueError(
+            f"evaluation row {index} lacks the column(s) {missing}; multi-turn rows need query, answer, "
+            "interactions (and recall_distance / answer_keywords for recall accuracy)."
+        )
+    follow = list(row.get("interactions") or [])
+    distances = row.get("recall_distance")
+    keywords = row.get("answer_keywords")
+    if distances is not None and len(distances) != len(follow):
+        raise ValueError(
+            f"evaluation row {index}: recall_distance has {len(distances)} entries but interactions has "
+            f"{len(follow)}; they must have one entry per follow-up interaction."
+        )
+    if keywords is not None and len(keywords) != len(follow):
+        raise ValueError(
+            f"evaluation row {index}: answer_keywords has {len(keywords)} entries but interactions has "
+            f"{len(follow)}; they must have one entry per follow-up interaction."
+        )
+    turns = [{"query": row["query"], "answer": row["answer"], "distance": 0, "keywords": []}]
+    for j, turn in enumerate(follow):
+        turns.append(
+            {
+                "query": turn["query"],
+                "answer": turn["answer"],
+                "distance": int(distances[j]) if distances is not None else 0,
+                "keywords": list(keywords[j]) if keywords is not None else [],
+            }
+        )
+    return {"id": str(row.get("conversation_id", index)), "turns": turns}
+
+
+def _rows(dataset, max_conversations: int | None) -> list[Mapping[str, Any]]:
+    if isinstance(dataset, Mapping):
+        raise TypeError(
+            "evaluate_memory needs one split (a datasets.Dataset or a list of rows), got a mapping "
+            f"with keys {list(dataset.keys())[:5]}; pass e.g. dataset['test']."
+        )
+    if max_conversations is not None:
+        if not isinstance(max_conversations, int) or max_conversations < 1:
+            raise ValueError(f"max_conversations={max_conversations!r} must be a positive integer or None.")
+        if hasattr(dataset, "select"):
+            dataset = dataset.select(range(min(max_conversations, len(dataset))))
+        else:
+            dataset = list(dataset)[:max_conversations]
+    return list(dataset)
+
+
+# ----------------------------------------------------------------------------------------------
+# batching helpers
+
+
+def _pad(sequences: list[list[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if side == "left":
+            ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+        else:
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _fresh_memory(model, n: int) -> torch.Tensor:
+    """The state a new conversation starts from (and the control's state at every turn)."""
+    if getattr(model.config, "stm_init_mode", None) == "normal":
+        # Random initial states would make the result depend on the batch; use the zero state instead.
+        return model.init_memory(n, mode="zeros")
+    return model.init_memory(n)
+
+
+def _default_generate(model, input_ids, attention_mask, stm_state, max_new_tokens, eos_token_id, pad_token_id):
+    return model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        stm_state=stm_state,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def _answer_ids(new_tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
+    """Generated ids up to (not including) the first [EOS]; trailing padding dropped."""
+    out = []
+    for t in new_tokens:
+        if t == eos_id:
+            break
+        out.append(t)
+    while out and out[-1] == pad_id:
+        out.pop()
+    return out
+
+
+def _answer_losses(model, sequences: list[list[int]], prompt_lengths: list[int], stm, pad_id: int):
+    """Per-row (sum of CE over answer tokens incl. [EOS], number of those tokens), one forward pass."""
+    ids, mask = _pad(sequences, pad_id, "right", stm.device)
+    logits = model(input_ids=ids, attention_mask=mask, stm_state=stm, use_cache=False).logits
+    labels = torch.full_like(ids, -100)
+    for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
+        labels[i, p : len(seq)] = ids[i, p : len(seq)]
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    ce = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shift_labels.shape)
+    valid = shift_labels != -100
+    return (ce * valid).sum(dim=1).tolist(), valid.sum(dim=1).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate_memory(
+    model,
+    tokenizer,
+    dataset,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    memory_from: str = "generated",
+    max_conversations: int | None = None,
+    progress: bool = True,
+    num_examples: int = 5,
+    return_turns: bool = False,
+    generate_fn: Callable | None = None,
+) -> dict:
+    """Answer perplexity and memory recall accuracy by distance, with a no-memory control.
+
+    Args:
+        model: an ``RxTForCausalLM`` (any device / dtype).
+        tokenizer: its RxT tokenizer.
+        dataset: one split of multi-turn rows (``datasets.Dataset`` or a list of dicts).
+        max_new_tokens: greedy generation budget per answer.
+        batch_size: conversations processed together (does not change the result).
+        max_length: token limit of one interaction; defaults to
+            ``min(config.max_position_embeddings, tokenizer.model_max_length)``. Reference
+            interactions longer than that are cut (counted in ``num_truncated_references``);
+            ``max_new_tokens`` is capped so that the longest query plus its answer and ``[EOS]`` fit.
+        memory_from: ``"generated"`` writes the model's own answer into memory (a real chat: the
+            generated token ids, closed with ``[EOS]`` also when the budget ran out), ``"reference"``
+            writes the reference answer (teacher-forced memory).
+        max_conversations: evaluate only the first ``n`` conversations.
+        progress: show a tqdm progress bar (one tick per batched turn).
+            A model whose ``stm_init_mode`` is ``"normal"`` (random) starts every conversation, and the
+            control every turn, from the zero state instead, so that results are reproducible.
+        num_examples: how many (query, reference, generated) examples to return; recall turns first.
+        return_turns: also return ``"turns"``, one record per turn of every conversation.
+        generate_fn: replaces the generation step (for oracles and tests); called as
+            ``generate_fn(model, input_ids, attention_mask, stm_state, max_new_tokens, eos_token_id,
+            pad_token_id)`` and must return ``generate``-style sequences (prompt + new tokens).
+
+    Returns:
+        A JSON-serialisable dict: ``num_conversations``, ``num_turns``, ``num_answer_tokens``,
+        ``answer_loss`` / ``answer_loss_no_memory`` (mean CE per answer token),
+        ``answer_perplexity`` / ``answer_perplexity_no_memory``, ``recall_accuracy`` /
+        ``recall_accuracy_no_memory`` / ``recall_count`` (dicts keyed by the int distance),
+        ``recall_accuracy_overall`` / ``recall_accuracy_overall_no_memory`` / ``recall_count_overall``
+        (``None`` accuracies when there is no recall turn), ``max_recall_distance``, the settings
+        used, ``num_truncated_references`` and ``examples``.
+    """
+    if memory_from not in MEMORY_SOURCES:
+        raise ValueError(f"memory_from={memory_from!r}: choose one of {MEMORY_SOURCES}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
+    generate_fn = generate_fn or _default_generate
+
+    ids = special_token_ids(tokenizer)
+    eos_id, pad_id = ids["eos_token_id"], ids["pad_token_id"]
+    limit = int(model.config.max_position_embeddings)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < limit:
+        limit = tok_max
+    if max_length is not None:
+        if not isinstance(max_length, int) or max_length < 4:
+            raise ValueError(f"max_length={max_length!r} must be an integer >= 4 or None.")
+        limit = min(limit, max_length)
+
+    conversations = [_conversation_turns(row, i) for i, row in enumerate(_rows(dataset, max_conversations))]
+    if not conversations:
+        raise ValueError("evaluate_memory: the dataset has no conversations.")
+
+    # Tokenise everything up front (prompts, reference interactions) and fix the generation budget.
+    longest_prompt = 0
+    truncated = 0
+    for conv in conversations:
+        for turn in conv["turns"]:
+            turn["prompt"] = encode_interaction(tokenizer, turn["query"])
+            if len(turn["prompt"]) >= limit - 1:
+                raise ValueError(
+                    f"conversation {conv['id']!r}: the query {turn['query'][:60]!r} takes {len(turn['prompt'])} "
+                    f"tokens, leaving no room for an answer within the {limit}-token interaction limit."
+                )
+            full = encode_interaction(tokenizer, turn["query"], turn["answer"])
+            if len(full) > limit:
+                full = full[:limit]
+                truncated += 1
+            turn["reference_ids"] = full
+            longest_prompt = max(longest_prompt, len(turn["prompt"]))
+    new_tokens = min(max_new_tokens, limit - longest_prompt - 1)
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    # Conversations with the same number of turns together keeps batches full; results do not depend on it.
+    order = sorted(range(len(conversations)), key=lambda i: -len(conversations[i]["turns"]))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=sum(len(conversations[g[0]]["turns"]) for g in groups), desc="rxt eval", unit="turn-batch"
+            )
+        except ImportError:  # pragma: no cover - tqdm is a transformers dependency
+            bar = None
+
+    records: dict[tuple[int, int], dict] = {}
+    sums = {"memory": [0.0, 0], "control": [0.0, 0]}
+    try:
+        with torch.no_grad():
+            for group in groups:
+                stm = _fresh_memory(model, len(group))
+                for k in range(len(conversations[group[0]]["turns"])):
+                    active = [j for j, c in enumerate(group) if len(conversations[c]["turns"]) > k]
+                    turns = [conversations[group[j]]["turns"][k] for j in active]
+                    n = len(active)
+                    index = torch.tensor(active, device=stm.device)
+                    # Rows 0..n-1 read the conversation's memory, rows n..2n-1 a fresh one (the control).
+                    both = torch.cat([stm.index_select(0, index), _fresh_memory(model, n)], dim=0)
+                    prompts = [t["prompt"] for t in turns] * 2
+
+                    input_ids, attention_mask = _pad(prompts, pad_id, "left", device)
+                    sequences = generate_fn(model, input_ids, attention_mask, both, new_tokens, eos_id, pad_id)
+                    generated = [
+                        _answer_ids(row, eos_id, pad_id) for row in sequences[:, input_ids.shape[1] :].tolist()
+                    ]
+
+                    references = [t["reference_ids"] for t in turns] * 2
+                    loss_sums, counts = _answer_losses(
+                        model, references, [len(t["prompt"]) for t in turns] * 2, both, pad_id
+                    )
+                    sums["memory"][0] += sum(loss_sums[:n])
+                    sums["memory"][1] += sum(counts[:n])
+                    sums["control"][0] += sum(loss_sums[n:])
+                    sums["control"][1] += sum(counts[n:])
+
+                    if memory_from == "generated":
+                        interactions = [t["prompt"] + g + [eos_id] for t, g in zip(turns, generated[:n])]
+                    else:
+                        interactions = [t["reference_ids"] for t in turns]
+                    ids_t, mask_t = _pad(interactions, pad_id, "right", device)
+                    updated = model.update_memory(stm.index_select(0, index), ids_t, mask_t)
+                    stm = stm.index_copy(0, index, updated.to(stm.dtype))
+
+                    for j, turn in enumerate(turns):
+                        text = tokenizer.decode(generated[j], skip_special_tokens=True)
+                        text_control = tokenizer.decode(generated[n + j], skip_special_tokens=True)
+                        recall = turn["distance"] > 0 and bool(turn["keywords"])
+                        records[(group[active[j]], k)] = {
+                            "conversation_id": conversations[group[active[j]]]["id"],
+                            "turn": k,
+                            "recall_distance": turn["distance"],
+                            "answer_keywords": turn["keywords"],
+                            "query": turn["query"],
+                            "reference": turn["answer"],
+                            "generated": text,
+                            "generated_no_memory": text_control,
+                            "correct": keywords_match(text, turn["keywords"]) if recall else None,
+                            "correct_no_memory": keywords_match(text_control, turn["keywords"]) if recall else None,
+                            "answer_loss": loss_sums[j] / max(counts[j], 1),
+                            "answer_loss_no_memory": loss_sums[n + j] / max(counts[n + j], 1),
+                        }
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+
+    ordered = [records[(c, k)] for c in range(len(conversations)) for k in range(len(conversations[c]["turns"]))]
+    return _summarise(ordered, sums, len(conversations), truncated, num_examples, return_turns, {
+        "memory_from": memory_from,
+        "max_new_tokens": new_tokens,
+        "max_length": limit,
+    })
+
+
+def _summarise(turns, sums, num_conversations, truncated, num_examples, return_turns, settings) -> dict:
+    def mean_loss(key):
+        total, count = sums[key]
+        return total / count if count else None
+
+    def perplexity(loss):
+        if loss is None:
+            return None
+        return math.exp(loss) if loss < 700 else float("inf")
+
+    recall = [t for t in turns if t["correct"] is not None]
+    distances = sorted({t["recall_distance"] for t in recall})
+    count = {d: sum(1 for t in recall if t["recall_distance"] == d) for d in distances}
+    acc = {d: sum(t["correct"] for t in recall if t["recall_distance"] == d) / count[d] for d in distances}
+    acc_control = {
+        d: sum(t["correct_no_memory"] for t in recall if t["recall_distance"] == d) / count[d] for d in distances
+    }
+    loss, loss_control = mean_loss("memory"), mean_loss("control")
+
+    examples = [t for t in turns if t["correct"] is not None][:num_examples]
+    if len(examples) < num_examples:
+        examples += [t for t in turns if t["correct"] is None][: num_examples - len(examples)]
+    result = {
+        "num_conversations": num_conversations,
+        "num_turns": len(turns),
+        "num_answer_tokens": sums["memory"][1],
+        "answer_loss": loss,
+        "answer_loss_no_memory": loss_control,
+        "answer_perplexity": perplexity(loss),
+        "answer_perplexity_no_memory": perplexity(loss_control),
+        "recall_accuracy": acc,
+        "recall_accuracy_no_memory": acc_control,
+        "recall_count": count,
+        "recall_accuracy_overall": sum(t["correct"] for t in recall) / len(recall) if recall else None,
+        "recall_accuracy_overall_no_memory": (
+            sum(t["correct_no_memory"] for t in recall) / len(recall) if recall else None
+        ),
+        "recall_count_overall": len(recall),
+        "max_recall_distance": max(distances) if distances else 0,
+        **settings,
+        "num_truncated_references": truncated,
+        "examples": [
+            {key: t[key] for key in ("conversation_id", "turn", "recall_distance", "query", "reference", "generated",
+                                     "generated_no_memory", "correct")}
+            for t in examples
+        ],
+    }
+    if return_turns:
+        result["turns"] = turns
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# reporting
+
+
+def _by_distance(mapping) -> dict[int, Any]:
+    return {int(k): v for k, v in (mapping or {}).items()}
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100.0 * value:.1f}%"
+
+
+def _num(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if value < 1e6 else f"{value:.3g}"
+
+
+def format_evaluation_table(result: Mapping[str, Any]) -> str:
+    """A Markdown table of :func:`evaluate_memory`'s result (also after a JSON round trip).
+
+    Rows: recall distance 1..K and overall; columns: with memory, no-memory control, count.
+    Followed by the answer perplexity line.
+    """
+    acc = _by_distance(result.get("recall_accuracy"))
+    acc_control = _by_distance(result.get("recall_accuracy_no_memory"))
+    count = _by_distance(result.get("recall_count"))
+    top = max(count, default=0)
+    lines = [
+        "| recall distance (turns back) | with memory | no-memory control | count |",
+        "|---|---|---|---|",
+    ]
+    for d in range(1, top + 1):
+        lines.append(f"| {d} | {_pct(acc.get(d))} | {_pct(acc_control.get(d))} | {count.get(d, 0)} |")
+    lines.append(
+        f"| overall | {_pct(result.get('recall_accuracy_overall'))} | "
+        f"{_pct(result.get('recall_accuracy_overall_no_memory'))} | {result.get('recall_count_overall', 0)} |"
+    )
+    lines.append("")
+    lines.append(
+        f"Answer perplexity (reference answers, teacher-forced): {_num(result.get('answer_perplexity'))} with memory, "
+        f"{_num(result.get('answer_perplexity_no_memory'))} without memory "
+        f"({result.get('num_conversations', 0)} conversations, {result.get('num_turns', 0)} turns; "
+        f"memory written from {result.get('memory_from', 'generated')} answers)."
+    )
+    return "\n".join(lines)
