@@ -43,7 +43,125 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         help="print the package version and exit",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = subparsers.add_parser("train", help="run a recipe's curriculum (all stages, or some) and evaluate")
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/default.yaml")
+    train.add_argument("--output", default=None, help="output folder (default: the recipe's output_dir)")
+    train.add_argument("--stages", default=None, help="comma-separated stage names to run (each needs its predecessor's folder)")
+    train.add_argument("--from-stage", default=None, help="run this stage and every later one")
+    train.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
+    train.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    train.set_defaults(func=command_train)
+
+    evaluate = subparsers.add_parser("eval", help="answer perplexity and recall accuracy by distance vs a no-memory control")
+    evaluate.add_argument("model", help="saved model folder (with its tokenizer)")
+    evaluate.add_argument("--recipe", default=None, help="recipe whose data / evaluation settings to use (default: embedded data)")
+    evaluate.add_argument("--num-conversations", type=int, default=None)
+    evaluate.add_argument("--num-turns", type=int, default=None)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--memory-from", choices=["generated", "reference"], default=None)
+    evaluate.add_argument("--output", default=None, help="JSON file to write (default: MODEL/../evaluation.json)")
+    evaluate.add_argument("--threads", type=int, default=None)
+    evaluate.set_defaults(func=command_eval)
+
+    chat = subparsers.add_parser("chat", help="streaming terminal chat with memory")
+    chat.add_argument("model", help="saved model folder (with its tokenizer)")
+    chat.add_argument("--system-prompt", default=None, help="initial memory from this prompt interaction")
+    chat.add_argument("--memory", default=None, help="start from / keep saving the STM in this .safetensors file")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.set_defaults(func=command_chat)
     return parser, subparsers
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def command_train(args) -> int:
+    from recipes.pipeline import run_recipe
+    from recipes.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # validates everything before any training
+    set_threads(args.threads)
+    stages = [name.strip() for name in args.stages.split(",")] if args.stages else None
+    for name in (stages or []) + ([args.from_stage] if args.from_stage else []):
+        recipe.stage(name)
+    run_recipe(
+        recipe,
+        output_dir=args.output,
+        stages=stages,
+        from_stage=args.from_stage,
+        resume=args.resume,
+        evaluate=not args.no_eval,
+    )
+    return 0
+
+
+def command_eval(args) -> int:
+    from pathlib import Path
+
+    from recipes.pipeline import evaluate_model
+    from recipes.recipe import load_recipe
+
+    set_threads(args.threads)
+    data, settings, seed = {}, {}, 0
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        data, settings, seed = recipe.data, recipe.evaluation, recipe.seed
+    overrides = {
+        "num_conversations": args.num_conversations,
+        "num_turns": args.num_turns,
+        "max_new_tokens": args.max_new_tokens,
+        "memory_from": args.memory_from,
+    }
+    settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
+    folder = Path(args.model)
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"rxt eval: {folder} holds no saved model (config.json missing).")
+    evaluate_model(folder, data, settings, seed, Path(args.output) if args.output else None)
+    return 0
+
+
+def command_chat(args) -> int:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from modeling_rxt import RxTChat, RxTForCausalLM
+
+    model = RxTForCausalLM.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    chat = RxTChat(model, tokenizer, system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens, **sampling)
+    if args.memory and Path(args.memory).exists():
+        chat.load(args.memory)
+    print("RxT chat: type a message, /reset to forget, /quit to leave.", flush=True)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            chat.reset()
+            print("(memory reset)")
+            continue
+        if not text:
+            continue
+        print("rxt> ", end="", flush=True)
+        for piece in chat.stream(text):
+            print(piece, end="", flush=True)
+        print(" [memory updating...]" if chat.updating else "", flush=True)
+        if args.memory:
+            chat.save(args.memory)
+    chat.wait()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,235 @@
+"""Run a recipe: data -> tokenizer -> each curriculum stage in order -> final model -> evaluation.
+
+Folder layout under the recipe's `output_dir`:
+
+```
+tokenizer/                 the tokenizer (trained on the recipe's data unless the recipe names one)
+01-joint-lm-pretraining/   one saved model per stage (model + tokenizer + model card + checkpoints/)
+...
+final/                     the last stage's model, its card carrying the evaluation table
+evaluation.json / .md      `rxt eval` of the final model on the held-out test split
+```
+
+A stage starts from the previous stage's folder, so any stage can be (re)run alone once its
+predecessor exists (`rxt train RECIPE --from-stage smat`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
+from trainers.data import ConversationCollator, InteractionCollator, TextCollator, load_rxt_dataset
+from trainers.evaluation import evaluate_memory, format_evaluation_table
+
+from .recipe import Recipe, StageSpec
+
+SYNTHETIC_KEYS = ("num_conversations", "num_turns", "max_recall_distance", "seed")
+
+
+def log(message: str) -> None:
+    print(f"[rxt {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def is_synthetic(data: dict) -> bool:
+    return data.get("source") in (None, "synthetic")
+
+
+def load_stage_dataset(seed: int, data: dict, kind: str, num_turns=None):
+    """The stage's DatasetDict (train / validation / test) from the embedded generator or a real source."""
+    if is_synthetic(data):
+        synthetic = {key: data[key] for key in SYNTHETIC_KEYS if key in data}
+        synthetic.setdefault("seed", seed)
+        if num_turns is not None:
+            synthetic["num_turns"] = num_turns
+        return load_rxt_dataset("synthetic", kind, **synthetic)
+    if num_turns is not None:
+        raise ValueError(
+            f"data.turn_datasets needs the synthetic source (it generates one data set per turn count); with "
+            f"source={data['source']!r} use the smat config's turn_curriculum alone (conversations are truncated)."
+        )
+    return load_rxt_dataset(data["source"], kind, column_mapping=data.get("column_mapping"))
+
+
+def prepare_tokenizer(recipe: Recipe, output_dir: Path):
+    folder = output_dir / "tokenizer"
+    if recipe.tokenizer.get("path"):
+        return AutoTokenizer.from_pretrained(recipe.tokenizer["path"])
+    if (folder / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    dataset = load_stage_dataset(recipe.seed, recipe.data, "pretraining")["train"]
+    texts = dataset["text"][: recipe.tokenizer.get("num_texts", len(dataset))]
+    log(f"training a byte-level BPE tokenizer (vocab {recipe.tokenizer.get('vocab_size', 8000)}) on {len(texts)} texts")
+    max_length = recipe.model.get("overrides", {}).get("max_position_embeddings", 256)
+    tokenizer = build_tokenizer(
+        texts,
+        vocab_size=recipe.tokenizer.get("vocab_size", 8000),
+        min_frequency=recipe.tokenizer.get("min_frequency", 2),
+        model_max_length=max_length,
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_model(recipe: Recipe, tokenizer) -> RxTForCausalLM:
+    if recipe.model.get("from_pretrained"):
+        return RxTForCausalLM.from_pretrained(recipe.model["from_pretrained"])
+    overrides = {**recipe.model.get("overrides", {}), **special_token_ids(tokenizer), "vocab_size": len(tokenizer)}
+    config = RxTConfig.from_preset(recipe.model["preset"], **overrides)
+    torch.manual_seed(recipe.seed)
+    return RxTForCausalLM(config)
+
+
+def collator_for(stage: StageSpec, data: dict, tokenizer, max_length: int):
+    if stage.trainer == "joint-lm":
+        if stage.data_kind == "pretraining":
+            return TextCollator(tokenizer, max_length=max_length)
+        return InteractionCollator(tokenizer, max_length=max_length, answer_only_loss=True)
+    return ConversationCollator(tokenizer, max_length=max_length, recall_weight=data.get("recall_weight"))
+
+
+def stage_folder(output_dir: Path, recipe: Recipe, stage: StageSpec) -> Path:
+    return output_dir / f"{recipe.stages.index(stage) + 1:02d}-{stage.name}"
+
+
+def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Path, resume: bool) -> Path:
+    folder = stage_folder(output_dir, recipe, stage)
+    data = recipe.stage_data(stage)
+    args = stage.build_config(
+        output_dir=str(folder), seed=recipe.seed, resume_from_checkpoint="latest" if resume else None
+    )
+    turn_counts = data.get("turn_datasets")
+    if turn_counts:
+        splits = {n: load_stage_dataset(recipe.seed, data, stage.data_kind, num_turns=n) for n in turn_counts}
+        train = {n: split["train"] for n, split in splits.items()}
+        evaluation = splits[max(turn_counts)]["validation"]
+    else:
+        split = load_stage_dataset(recipe.seed, data, stage.data_kind)
+        train, evaluation = split["train"], split.get("validation")
+    trainer = stage.trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        tokenizer=tokenizer,
+        data_collator=collator_for(stage, data, tokenizer, args.max_length),
+    )
+    log(f"stage {stage.name} ({stage.trainer}): {args.max_steps} steps -> {folder}")
+    metrics = trainer.train()
+    log(f"stage {stage.name} done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    trainer.save_model(str(folder))
+    return folder
+
+
+def run_recipe(
+    recipe: Recipe,
+    output_dir: str | None = None,
+    stages: list[str] | None = None,
+    from_stage: str | None = None,
+    resume: bool = False,
+    evaluate: bool = True,
+) -> dict:
+    """Run the recipe's stages (all, `stages`, or from `from_stage` on) and evaluate the final model."""
+    output_dir = Path(output_dir or recipe.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    selected = list(recipe.stages)
+    if from_stage is not None:
+        selected = selected[recipe.stages.index(recipe.stage(from_stage)) :]
+    if stages:
+        selected = [recipe.stage(name) for name in stages]
+
+    tokenizer = prepare_tokenizer(recipe, output_dir)
+    first_index = recipe.stages.index(selected[0])
+    if first_index == 0 or recipe.model.get("from_pretrained") and first_index == 0:
+        model = build_model(recipe, tokenizer)
+    else:
+        previous = stage_folder(output_dir, recipe, recipe.stages[first_index - 1])
+        if not (previous / "config.json").exists():
+            raise ValueError(
+                f"stage {selected[0].name!r} starts from the previous stage's model, but {previous} holds none: "
+                f"run stage {recipe.stages[first_index - 1].name!r} first (or the whole recipe)."
+            )
+        log(f"loading {previous}")
+        model = RxTForCausalLM.from_pretrained(previous)
+    counts = model.num_parameters_by_component()
+    log("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+
+    last_folder = None
+    for stage in selected:
+        last_folder = run_stage(recipe, stage, model, tokenizer, output_dir, resume)
+        model = RxTForCausalLM.from_pretrained(last_folder)
+
+    final = output_dir / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(last_folder, final, ignore=shutil.ignore_patterns("checkpoints", "runs", "*.jsonl"))
+    result = {"output_dir": str(output_dir), "final_model": str(final), "train_minutes": (time.time() - started) / 60}
+    if evaluate:
+        evaluation = evaluate_recipe_model(recipe, final)
+        result["evaluation"] = evaluation
+    result["total_minutes"] = (time.time() - started) / 60
+    (output_dir / "run_summary.json").write_text(json.dumps(result, indent=2, default=str))
+    log(f"done in {result['total_minutes']:.1f} minutes; final model in {final}")
+    return result
+
+
+def evaluate_recipe_model(recipe: Recipe, folder: Path, output_json: Path | None = None) -> dict:
+    """`rxt eval` with the recipe's data and evaluation settings."""
+    return evaluate_model(folder, recipe.data, recipe.evaluation, recipe.seed, output_json)
+
+
+def evaluate_model(
+    folder: Path, data: dict | None = None, settings: dict | None = None, seed: int = 0, output_json: Path | None = None
+) -> dict:
+    """Evaluate a saved model on the held-out test split (embedded data by default); writes evaluation.json / .md
+    next to the model folder and puts the table into its model card."""
+    from trainers.model_card import write_model_card
+    from trainers.trainer_base import load_training_history
+
+    folder, settings, data = Path(folder), dict(settings or {}), dict(data or {})
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = RxTForCausalLM.from_pretrained(folder).eval()
+    for key in ("num_turns", "seed"):
+        if key in settings:
+            data[key] = settings[key]
+    data.setdefault("seed", seed)
+    test = load_stage_dataset(seed, data, "multi-turn")[settings.get("split", "test")]
+    count = min(len(test), settings.get("num_conversations") or len(test))
+    log(f"evaluating {folder} on {count} test conversations")
+    result = evaluate_memory(
+        model,
+        tokenizer,
+        test,
+        max_new_tokens=settings.get("max_new_tokens", 32),
+        batch_size=settings.get("batch_size", 32),
+        memory_from=settings.get("memory_from", "generated"),
+        max_conversations=settings.get("num_conversations"),
+    )
+    table = format_evaluation_table(result)
+    print(table, flush=True)
+    output_json = Path(output_json) if output_json else folder.parent / "evaluation.json"
+    output_json.write_text(json.dumps(result, indent=2, default=str))
+    output_json.with_suffix(".md").write_text(table + "\n")
+    history = load_training_history(folder)
+    write_model_card(model, str(folder), history, result, data_description=describe_data(data, seed))
+    return result
+
+
+def describe_data(data: dict, seed: int) -> str:
+    if is_synthetic(data):
+        return (
+            "The embedded synthetic story world of this project: multi-turn conversations that plant facts "
+            f"(who / where / what / colour / how many) and ask for them 1-{data.get('max_recall_distance', 4)} turns "
+            f"later; {data.get('num_conversations', 2000)} conversations per data set, seed {seed}."
+        )
+    return f"Data set {data['source']!r} (columns mapped with {data.get('column_mapping') or {}})."
+
+
+__all__ = ["run_recipe", "evaluate_model", "evaluate_recipe_model", "load_stage_dataset"]

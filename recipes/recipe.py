@@ -1,0 +1,233 @@
+"""Training recipes: one YAML file describes data, tokenizer, model and every curriculum stage.
+
+```yaml
+name: default
+output_dir: outputs/default
+seed: 0
+data:                      # shared by all stages; a stage may override any key under its own `data:`
+  source: synthetic        # embedded generator | local .jsonl/.parquet file or folder | Hub data set name
+  column_mapping: {}       # rename columns of your data to text / query / answer / interactions
+  num_conversations: 4000  # synthetic only
+  num_turns: 6
+  max_recall_distance: 4
+tokenizer: {vocab_size: 2000}          # or {path: folder-with-a-saved-tokenizer}
+model: {preset: rxt-tiny, overrides: {hidden_size: 128}}   # or {from_pretrained: folder}
+stages:
+  - {name: joint-lm-pretraining, trainer: joint-lm, config: {mode: pretraining, max_steps: 300}}
+  - {name: smat, trainer: smat, data: {turn_datasets: [2, 3, 4, 6]}, config: {...}}
+evaluation: {num_conversations: 200, num_turns: 6, max_new_tokens: 24}
+```
+
+`load_recipe` checks everything (unknown keys, stage trainers, config fields and their types) before
+any training starts, and raises a `ValueError` naming the place, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
+from trainers.memory_attention_trainer import MemoryAttentionConfig, MemoryAttentionTrainer
+from trainers.smat_trainer import SMATConfig, SMATTrainer
+
+# trainer name -> (config class, trainer class)
+STAGE_TRAINERS = {
+    "joint-lm": (JointLMConfig, JointLMTrainer),
+    "memory-attention": (MemoryAttentionConfig, MemoryAttentionTrainer),
+    "smat": (SMATConfig, SMATTrainer),
+}
+DATA_KEYS = {
+    "source",
+    "column_mapping",
+    "num_conversations",
+    "num_turns",
+    "max_recall_distance",
+    "seed",
+    "turn_datasets",
+    "split",
+    "recall_weight",
+}
+TOP_LEVEL_KEYS = {"name", "output_dir", "seed", "data", "tokenizer", "model", "stages", "evaluation", "description"}
+TOKENIZER_KEYS = {"vocab_size", "min_frequency", "path", "num_texts"}
+MODEL_KEYS = {"preset", "overrides", "from_pretrained"}
+EVALUATION_KEYS = {"num_conversations", "num_turns", "max_new_tokens", "batch_size", "memory_from", "split", "seed"}
+STAGE_KEYS = {"name", "trainer", "data", "config"}
+
+
+def recipe_error(where: str, value: Any, fix: str) -> ValueError:
+    return ValueError(f"recipe {where}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class StageSpec:
+    name: str
+    trainer: str
+    config: dict[str, Any]
+    data: dict[str, Any]
+
+    @property
+    def config_class(self):
+        return STAGE_TRAINERS[self.trainer][0]
+
+    @property
+    def trainer_class(self):
+        return STAGE_TRAINERS[self.trainer][1]
+
+    @property
+    def data_kind(self) -> str:
+        if self.trainer == "joint-lm":
+            return "interaction-sft" if self.config.get("mode", "pretraining") == "sft" else "pretraining"
+        return "multi-turn"
+
+    def build_config(self, output_dir: str, **extra) -> Any:
+        return self.config_class(**{**self.config, "output_dir": output_dir, **extra})
+
+
+@dataclass
+class Recipe:
+    name: str
+    output_dir: str
+    seed: int
+    data: dict[str, Any]
+    tokenizer: dict[str, Any]
+    model: dict[str, Any]
+    stages: list[StageSpec]
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ValueError(f"unknown stage {name!r}: this recipe has stages {[s.name for s in self.stages]}.")
+
+    def stage_data(self, stage: StageSpec) -> dict[str, Any]:
+        return {**self.data, **stage.data}
+
+
+def _check_keys(section: str, mapping: Any, allowed: set[str]) -> dict:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        raise recipe_error(section, mapping, "it must be a mapping (key: value).")
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise recipe_error(f"{section}.{unknown[0]}", mapping[unknown[0]], f"unknown key; allowed keys: {sorted(allowed)}.")
+    return dict(mapping)
+
+
+def _accepts(annotation, value) -> bool:
+    """Whether `value` (from YAML) fits a dataclass field annotation (coarse: scalars, lists, dicts)."""
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_stage_config(stage: StageSpec) -> None:
+    """Every config key exists on the trainer's config class and has the right type; the config builds."""
+    config_class = stage.config_class
+    hints = typing.get_type_hints(config_class)
+    names = {f.name for f in dataclasses.fields(config_class)}
+    where = f"stages[{stage.name}].config"
+    for key, value in stage.config.items():
+        if key not in names:
+            raise recipe_error(f"{where}.{key}", value, f"{config_class.__name__} has no such field; fields: {sorted(names)}.")
+        if key == "output_dir":
+            raise recipe_error(f"{where}.output_dir", value, "stage folders come from the recipe's output_dir.")
+        if not _accepts(hints[key], value):
+            raise recipe_error(f"{where}.{key}", value, f"expected {hints[key]}.")
+    try:
+        stage.build_config(output_dir="unused")
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"recipe {where} is invalid: {error}") from error
+
+
+def parse_recipe(raw: dict, path: str | None = None) -> Recipe:
+    raw = _check_keys("", raw, TOP_LEVEL_KEYS) if raw is not None else {}
+    data = _check_keys("data", raw.get("data"), DATA_KEYS)
+    tokenizer = _check_keys("tokenizer", raw.get("tokenizer"), TOKENIZER_KEYS)
+    model = _check_keys("model", raw.get("model"), MODEL_KEYS)
+    evaluation = _check_keys("evaluation", raw.get("evaluation"), EVALUATION_KEYS)
+    if not model.get("preset") and not model.get("from_pretrained"):
+        raise recipe_error("model", model, "give model.preset (e.g. rxt-alpha-micro) or model.from_pretrained (a folder).")
+    if "path" not in tokenizer and not isinstance(tokenizer.get("vocab_size", 0), int):
+        raise recipe_error("tokenizer.vocab_size", tokenizer.get("vocab_size"), "it must be an integer.")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise recipe_error("seed", seed, "it must be an integer.")
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise recipe_error("stages", stages_raw, "give a non-empty list of stages.")
+    stages, seen = [], set()
+    for index, entry in enumerate(stages_raw):
+        entry = _check_keys(f"stages[{index}]", entry, STAGE_KEYS)
+        name = entry.get("name")
+        if not isinstance(name, str) or not name or name in seen:
+            raise recipe_error(f"stages[{index}].name", name, "each stage needs a unique non-empty name.")
+        seen.add(name)
+        trainer = entry.get("trainer")
+        if trainer not in STAGE_TRAINERS:
+            raise recipe_error(f"stages[{name}].trainer", trainer, f"choose one of {sorted(STAGE_TRAINERS)}.")
+        stage = StageSpec(
+            name=name,
+            trainer=trainer,
+            config=_check_keys(f"stages[{name}].config", entry.get("config"), set(entry.get("config") or {})),
+            data=_check_keys(f"stages[{name}].data", entry.get("data"), DATA_KEYS),
+        )
+        check_stage_config(stage)
+        turns = stage.data.get("turn_datasets")
+        if turns is not None and (trainer != "smat" or not all(isinstance(n, int) and n >= 1 for n in turns)):
+            raise recipe_error(
+                f"stages[{name}].data.turn_datasets", turns, "only smat stages take it: a list of turn counts >= 1."
+            )
+        stages.append(stage)
+    return Recipe(
+        name=str(raw.get("name", Path(path).stem if path else "recipe")),
+        output_dir=str(raw.get("output_dir", "outputs/" + str(raw.get("name", "recipe")))),
+        seed=seed,
+        data=data,
+        tokenizer=tokenizer,
+        model=model,
+        stages=stages,
+        evaluation=evaluation,
+        path=path,
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe (nothing is trained or downloaded here)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe file {str(path)!r} does not exist; the default one is recipes/default.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"recipe file {str(path)!r} is not valid YAML: {error}") from error
+    return parse_recipe(raw, str(path))
+
+
+__all__ = ["Recipe", "StageSpec", "STAGE_TRAINERS", "load_recipe", "parse_recipe"]
