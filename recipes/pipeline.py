@@ -57,6 +57,17 @@ def load_stage_dataset(seed: int, data: dict, kind: str, num_turns=None):
     return load_rxt_dataset(data["source"], kind, column_mapping=data.get("column_mapping"))
 
 
+def check_data(recipe: Recipe, stages: list[StageSpec]) -> None:
+    """Load every non-synthetic stage data set once before training, so a missing column fails first."""
+    for stage in stages:
+        data = recipe.stage_data(stage)
+        if not is_synthetic(data):
+            try:
+                load_stage_dataset(recipe.seed, data, stage.data_kind)
+            except ValueError as error:
+                raise ValueError(f"recipe stages[{stage.name}].data: {error}") from error
+
+
 def prepare_tokenizer(recipe: Recipe, output_dir: Path):
     folder = output_dir / "tokenizer"
     if recipe.tokenizer.get("path"):
@@ -145,9 +156,10 @@ def run_recipe(
     if stages:
         selected = [recipe.stage(name) for name in stages]
 
+    check_data(recipe, selected)
     tokenizer = prepare_tokenizer(recipe, output_dir)
     first_index = recipe.stages.index(selected[0])
-    if first_index == 0 or recipe.model.get("from_pretrained") and first_index == 0:
+    if first_index == 0:
         model = build_model(recipe, tokenizer)
     else:
         previous = stage_folder(output_dir, recipe, recipe.stages[first_index - 1])

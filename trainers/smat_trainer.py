@@ -307,6 +307,10 @@ class SMATConfig(RxTTrainingConfig):
                 resolve_schedule_step(entry[0], self.max_steps or 0, f"turn_curriculum[{i}][0]")
                 if isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 1:
                     raise ValueError(f"turn_curriculum[{i}][1]={entry[1]!r}: num_turns must be an int >= 1.")
+            if self.turn_curriculum[0][0] != 0:
+                raise ValueError(
+                    f"turn_curriculum={self.turn_curriculum!r} must start at step 0 (first entry (0.0, num_turns))."
+                )
         if self.backprop_turns is not None and (
             isinstance(self.backprop_turns, bool) or not isinstance(self.backprop_turns, int) or self.backprop_turns < 1
         ):

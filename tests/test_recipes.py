@@ -1,0 +1,155 @@
+"""Recipes and the `rxt` command: validation before training, a tiny end-to-end run, restarts, eval, chat."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from recipes.cli import main
+from recipes.recipe import load_recipe, parse_recipe
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"source": "synthetic", "num_conversations": 60, "num_turns": 3, "max_recall_distance": 2},
+    "tokenizer": {"vocab_size": 400},
+    "model": {"preset": "rxt-tiny", "overrides": {"max_position_embeddings": 96, "stm_size": 8}},
+    "stages": [
+        {"name": "pretrain", "trainer": "joint-lm", "config": {"mode": "pretraining", "max_steps": 2, "per_device_batch_size": 4, "max_length": 96}},
+        {"name": "sft", "trainer": "joint-lm", "config": {"mode": "sft", "max_steps": 2, "per_device_batch_size": 4, "max_length": 48}},
+        {"name": "memory", "trainer": "memory-attention", "config": {"max_steps": 2, "per_device_batch_size": 4, "max_length": 48}},
+        {
+            "name": "smat",
+            "trainer": "smat",
+            "data": {"turn_datasets": [2, 3], "recall_weight": 3.0},
+            "config": {"max_steps": 3, "per_device_batch_size": 4, "max_length": 48, "turn_curriculum": [[0.0, 2], [0.5, 3]]},
+        },
+    ],
+    "evaluation": {"num_conversations": 4, "num_turns": 3, "max_new_tokens": 4, "batch_size": 4},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_recipe(tmp_path, recipe):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def with_changes(change):
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    change(recipe)
+    return recipe
+
+
+def test_default_recipe_is_valid():
+    recipe = load_recipe("recipes/default.yaml")
+    assert [s.trainer for s in recipe.stages] == ["joint-lm", "joint-lm", "memory-attention", "smat"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r["stages"][0].update(trainer="ppo"), "stages\\[pretrain\\].trainer='ppo'"),
+        (lambda r: r["stages"][1]["config"].update(learning_rat=0.1), "learning_rat"),
+        (lambda r: r["stages"][2]["config"].update(max_steps="many"), "max_steps='many'"),
+        (lambda r: r["stages"][3]["config"].update(turn_curriculum=[[0.5, 2]]), "turn_curriculum"),
+        (lambda r: r.update(stages=[]), "stages"),
+        (lambda r: r["model"].pop("preset"), "model"),
+        (lambda r: r["data"].update(shuffle=True), "data.shuffle"),
+    ],
+)
+def test_bad_recipe_values_fail_before_training(tmp_path, change, message):
+    path = write_recipe(tmp_path, with_changes(change))
+    with pytest.raises(ValueError, match=message):
+        main(["train", str(path), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_column_fails_before_training(tmp_path):
+    rows = [{"question": "Where?", "answer": "Here."}] * 4
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    recipe = with_changes(lambda r: r["stages"][1].update(data={"source": str(tmp_path / "sft.jsonl")}))
+    path = write_recipe(tmp_path, recipe)
+    with pytest.raises(ValueError, match="query"):
+        main(["train", str(path), "--output", str(tmp_path / "out")])
+    assert not any((tmp_path / "out").glob("01-*"))
+
+
+REMOTE_CHAT = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = sys.argv[1]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert "modeling_rxt" not in sys.modules and type(model).__module__.startswith("transformers_modules")
+    stm = model.init_memory(1)
+    for text in ["I put the red lantern in the old mill.", "Where did I put the lantern?"]:
+        query = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt")
+        ids = query["input_ids"]
+        out = model.generate(ids, stm_state=stm, max_new_tokens=6, do_sample=False)
+        stm = model.update_memory(stm, out)
+        print(repr(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+    print(list(stm.shape))
+    """
+)
+
+
+def test_tiny_recipe_end_to_end_restart_eval_and_chat(tmp_path, capsys, monkeypatch):
+    path = write_recipe(tmp_path, TINY_RECIPE)
+    out = tmp_path / "out"
+    assert main(["train", str(path), "--output", str(out)]) == 0
+    for folder in ("tokenizer", "01-pretrain", "02-sft", "03-memory", "04-smat", "final"):
+        assert (out / folder).is_dir(), folder
+    summary = json.loads((out / "run_summary.json").read_text())
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert summary["final_model"].endswith("final") and "recall_accuracy" in evaluation
+    card = (out / "final" / "README.md").read_text()
+    for stage in ("pretrain", "sft", "memory", "smat"):
+        assert stage in card or stage.replace("pretrain", "pretraining") in card
+    assert "no-memory" in card.lower() or "without memory" in card.lower()
+
+    # restart from the last stage: the earlier stages are not re-run
+    before = (out / "01-pretrain" / "model.safetensors").stat().st_mtime_ns
+    assert main(["train", str(path), "--output", str(out), "--from-stage", "smat", "--no-eval"]) == 0
+    assert (out / "01-pretrain" / "model.safetensors").stat().st_mtime_ns == before
+
+    # rxt eval writes JSON and prints the table
+    capsys.readouterr()
+    assert main(["eval", str(out / "final"), "--num-conversations", "3", "--num-turns", "3", "--output", str(tmp_path / "e.json")]) == 0
+    assert "recall distance" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["num_conversations"] == 3
+
+    # rxt chat: two messages, then quit
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Ann has a red kite.\nWhat does Ann have?\n/quit\n"))
+    assert main(["chat", str(out / "final"), "--max-new-tokens", "4", "--memory", str(tmp_path / "chat.stm")]) == 0
+    assert capsys.readouterr().out.count("rxt> ") == 2 and (tmp_path / "chat.stm").exists()
+
+    # the saved model chats with memory in a process that never imports the project
+    script = tmp_path / "remote_chat.py"
+    script.write_text(REMOTE_CHAT)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(out / "final")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[1, 2, 8, 32]"
+
+
+def test_parse_recipe_reports_stage_lookup_errors():
+    recipe = parse_recipe(TINY_RECIPE)
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        recipe.stage("nope")
