@@ -1,0 +1,117 @@
+"""decode-overhead: tokens/s of RxT's decoder vs the same-size Llama answering the same query with no history.
+
+RxT reads its STM through memory cross-attention with keys/values precached once per `generate()` call; the
+Llama has no memory and no history. Both answer the same query with an answer forced to full length.
+
+Reported per system: answer tokens/s over the whole `generate()` call, and decode-only tokens/s (after the first
+token: no prompt processing). With `diagnostics`, two extra RxT variants separate where the overhead comes from:
+a dense SwiGLU decoder of the active feed-forward width instead of the MoE (`rxt_dense_feed_forward`), and the
+MoE decoder with a 1-slot STM (`rxt_tiny_memory`, memory cross-attention nearly free).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from . import timing
+from .common import (
+    DEFAULT_PRESET,
+    TokenTimer,
+    active_feed_forward_size,
+    build_llama_baseline,
+    build_rxt,
+    describe_llama,
+    describe_rxt,
+    generation_kwargs,
+    parameter_counts,
+    rxt_query,
+)
+
+NAME = "decode-overhead"
+DESCRIPTION = "Tokens/s of RxT's decoder (memory K/V precached) vs a same-size Llama with no history."
+DEFAULTS = dict(preset=DEFAULT_PRESET, query_length=32, answer_length=128, repeats=5, warmup=2, diagnostics=True)
+SMOKE = {**DEFAULTS, "query_length": 8, "answer_length": 6, "repeats": 1, "warmup": 1, "diagnostics": True}
+
+
+def _time_generate(model, query: torch.Tensor, repeats: int, warmup: int, **kwargs) -> dict[str, Any]:
+    timer = TokenTimer()
+    mask = torch.ones_like(query)
+    for _ in range(warmup):
+        model.generate(query, attention_mask=mask, **kwargs)
+    totals, decode_rates, ttfts, sequences = [], [], [], None
+    for _ in range(repeats):
+        timer.start()
+        sequences = model.generate(query, attention_mask=mask, streamer=timer, **kwargs)
+        totals.append(time.perf_counter() - timer.start_time)
+        decode_rates.append(timer.decode_tokens_per_s)
+        ttfts.append(timer.first_token_s)
+    answer_tokens = sequences.shape[1] - query.shape[1]
+    total = timing.summarize(totals)
+    return {
+        "generate_s": total,
+        "ttft_s": timing.summarize(ttfts),
+        "answer_tokens": answer_tokens,
+        "tokens_per_s": answer_tokens / total["median"],
+        "decode_tokens_per_s": timing.summarize(decode_rates)["median"],
+        "decode_tokens_per_s_samples": decode_rates,
+    }
+
+
+def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: int = 0, plot: bool = True, **options) -> dict:
+    opts = timing.resolve_options(DEFAULTS, SMOKE, smoke, options)
+    q_len, a_len, repeats, warmup = (opts[k] for k in ("query_length", "answer_length", "repeats", "warmup"))
+    with timing.torch_threads(threads), torch.inference_mode():
+        rxt = build_rxt(opts["preset"], seed=seed)
+        config = rxt.config
+        llama = build_llama_baseline(config, max_position_embeddings=max(1024, q_len + a_len), seed=seed)
+        payload = timing.new_payload(
+            NAME, DESCRIPTION, smoke, {**opts, "seed": seed, "rxt": describe_rxt(rxt, opts["preset"]), "llama": describe_llama(llama)}
+        )
+        payload["config"]["parameters"] = parameter_counts(rxt, llama)
+        kw = generation_kwargs(a_len, config.pad_token_id, config.eos_token_id)
+        query = rxt_query(config, q_len, torch.Generator().manual_seed(seed))
+        stm = rxt.init_memory(1)
+
+        results = {
+            "rxt": _time_generate(rxt, query, repeats, warmup, stm_state=stm, **kw),
+            "llama": _time_generate(llama, query, repeats, warmup, **kw),
+        }
+        if opts["diagnostics"]:
+            dense = build_rxt(
+                opts["preset"],
+                seed=seed,
+                decoder_feed_forward="dense",
+                decoder_intermediate_size=active_feed_forward_size(config),
+            )
+            results["rxt_dense_feed_forward"] = _time_generate(dense, query, repeats, warmup, stm_state=dense.init_memory(1), **kw)
+            small = build_rxt(opts["preset"], seed=seed, stm_size=1)
+            results["rxt_tiny_memory"] = _time_generate(small, query, repeats, warmup, stm_state=small.init_memory(1), **kw)
+        payload["results"] = results
+
+    rxt_rate, llama_rate = results["rxt"]["decode_tokens_per_s"], results["llama"]["decode_tokens_per_s"]
+    payload["results"]["rxt_over_llama_decode_tokens_per_s"] = timing.ratio(rxt_rate, llama_rate)
+    payload["results"]["rxt_over_llama_generate_tokens_per_s"] = timing.ratio(
+        results["rxt"]["tokens_per_s"], results["llama"]["tokens_per_s"]
+    )
+    for variant in ("rxt_dense_feed_forward", "rxt_tiny_memory"):
+        if variant in results:
+            payload["results"][f"{variant}_over_llama_decode_tokens_per_s"] = timing.ratio(
+                results[variant]["decode_tokens_per_s"], llama_rate
+            )
+    payload["targets"] = {
+        "rxt_over_llama_tokens_per_s": timing.target(
+            "RxT decode tokens/s / Llama decode tokens/s (same query, no history)",
+            payload["results"]["rxt_over_llama_decode_tokens_per_s"],
+            0.85,
+        )
+    }
+    payload["notes"].append(
+        "decode_tokens_per_s counts tokens after the first (streamer timestamps), so prompt processing is excluded; "
+        "tokens_per_s is answer tokens over the whole generate() call."
+    )
+    path = timing.write_result(NAME, payload, output_dir)
+    payload["path"] = str(path)
+    return payload

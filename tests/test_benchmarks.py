@@ -1,0 +1,348 @@
+"""Benchmarks: every benchmark runs in smoke mode and writes valid JSON; the instruments they rely on are right.
+
+No timing is asserted anywhere (speed is what the benchmarks report, not what tests check).
+"""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import BENCHMARKS, get_benchmark, run_benchmark, timing
+from benchmarks.cli import add_bench_command, load_results, targets_markdown
+from benchmarks.common import (
+    CallCounter,
+    RecomputedMemoryCache,
+    TokenTimer,
+    active_feed_forward_size,
+    build_llama_baseline,
+    build_rxt,
+    cache_bytes,
+    generation_kwargs,
+    kv_cache_bytes,
+    llama_kv_bytes,
+    memory_key_projections,
+    rxt_query,
+    stm_bytes,
+)
+from benchmarks.memory_precache import generate_both
+from modeling_rxt import RxTConfig
+
+PAYLOAD_KEYS = {"name", "description", "smoke", "created", "duration_s", "machine", "config", "results", "targets", "plots", "notes"}
+TARGET_KEYS = {"description", "measured", "target", "comparison", "met"}
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    """Every benchmark once in smoke mode (1 thread), into one temporary output folder."""
+    folder = tmp_path_factory.mktemp("bench")
+    payloads = {name: run_benchmark(name, smoke=True, output_dir=folder, threads=1) for name in BENCHMARKS}
+    return folder, payloads
+
+
+# ------------------------------------------------------------------------------------------------------
+# every benchmark, smoke mode
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_smoke_run_writes_valid_json(smoke_results, name):
+    folder, payloads = smoke_results
+    path = folder / f"{name}.json"
+    assert path.exists()
+    written = json.loads(path.read_text(encoding="utf-8"))  # strict JSON: no NaN / Infinity literals
+    assert PAYLOAD_KEYS <= set(written)
+    assert written["name"] == name and written["smoke"] is True
+    assert written["duration_s"] > 0
+    for key in ("cpu", "logical_cores", "torch_threads", "torch", "transformers", "git_commit"):
+        assert key in written["machine"]
+    assert written["machine"]["torch_threads"] == 1
+    assert written["targets"], "every benchmark reports its targets"
+    for row in written["targets"].values():
+        assert TARGET_KEYS <= set(row)
+        assert isinstance(row["met"], bool)
+    returned = payloads[name]
+    assert returned["targets"].keys() == written["targets"].keys()
+    assert returned["path"] == str(path)
+    for plot in written["plots"]:
+        assert plot.endswith(".png")
+        assert (folder / plot.split("/")[-1]).exists()
+    if timing.have_matplotlib() and name != "decode-overhead" and name != "memory-precache":
+        assert written["plots"], f"{name} should plot when matplotlib is installed"
+
+
+def test_latency_per_turn_counts_and_state(smoke_results):
+    _, payloads = smoke_results
+    payload = payloads["latency-per-turn"]
+    config = payload["config"]
+    turns, q, a = config["turns"], config["query_length"], config["answer_length"]
+    results = payload["results"]
+    assert results["turns"] == list(range(1, turns + 1))
+    rxt, full, cached = results["rxt"], results["stateless_full_history"], results["stateless_kv_cache"]
+    for record in (rxt, full, cached):
+        for key in ("ttft_s", "turn_s", "ttft_median_s", "turn_median_s", "tokens_processed", "cumulative_tokens", "state_bytes"):
+            assert len(record[key]) == turns
+        assert record["cumulative_tokens"][-1] == sum(record["tokens_processed"])
+    assert len(rxt["memory_update_s"]) == turns
+    # RxT: the decoder reads the query then a-1 generated tokens; the encoder the whole interaction
+    assert rxt["decoder_tokens"] == [q + a - 1] * turns
+    assert rxt["encoder_tokens"] == [q + a] * turns
+    # (a) re-reads the whole history each turn, (b) only the new tokens (+ the previous turn's last token)
+    assert full["tokens_processed"] == [t * (q + a) + q + a - 1 for t in range(turns)]
+    assert cached["tokens_processed"] == [q + a - 1] + [q + a] * (turns - 1)
+    assert results["baselines_generate_identical_tokens"] is True
+    # state kept between turns: a fixed STM vs a KV cache growing with the conversation
+    rxt_config = build_rxt(payload["config"]["preset"]).config
+    assert rxt["state_bytes"] == [stm_bytes(rxt_config)] * turns == [results["stm_bytes_formula"]] * turns
+    llama = build_llama_baseline(rxt_config)
+    assert cached["state_bytes"] == [llama_kv_bytes(llama.config, (t + 1) * (q + a) - 1) for t in range(turns)]
+    assert payload["targets"]["rxt_state_fixed_size"]["met"] is True
+
+
+def test_memory_precache_smoke_checks(smoke_results):
+    _, payloads = smoke_results
+    results = payloads["memory-precache"]["results"]
+    assert results["identical_tokens"] is True
+    assert results["precached"]["k_proj_calls"] == results["expected_k_proj_calls"]["precached"]
+    assert results["recomputed"]["k_proj_calls"] == results["expected_k_proj_calls"]["recomputed"]
+
+
+def test_attention_variants_heads_and_parameters(smoke_results):
+    _, payloads = smoke_results
+    variants = payloads["attention-variants"]["results"]["variants"]
+    assert set(variants) == {"MHA", "GQA", "MQA", "sSQA", "SQA", "xSQA"}
+    heads = {name: (v["query_heads"], v["key_value_heads"]) for name, v in variants.items()}
+    assert heads == {"MHA": (8, 8), "GQA": (8, 2), "MQA": (8, 1), "sSQA": (4, 4), "SQA": (4, 2), "xSQA": (2, 2)}
+    # per layer: q + o read/write query heads, k + v the key/value heads (head dim 16, hidden 128, 6 layers)
+    for name, (query_heads, kv_heads) in heads.items():
+        expected = 6 * (2 * 128 * query_heads * 16 + 2 * 128 * kv_heads * 16)
+        assert variants[name]["parameters"]["encoder_attention"] == expected
+
+
+def test_batched_interactions_levels(smoke_results):
+    _, payloads = smoke_results
+    payload = payloads["batched-interactions"]
+    levels = payload["config"]["concurrency"]
+    rxt_config = build_rxt(payload["config"]["preset"]).config
+    for n in levels:
+        record = payload["results"]["levels"][str(n)]
+        assert record["answer_tokens"] == n * payload["config"]["answer_length"]
+        assert record["stm_bytes"] == record["stm_bytes_formula"] == stm_bytes(rxt_config, conversations=n)
+
+
+def test_results_table_and_reload(smoke_results):
+    folder, payloads = smoke_results
+    reloaded = load_results(folder)
+    assert list(reloaded) == list(BENCHMARKS)
+    table = targets_markdown(reloaded)
+    assert table.count("\n") == 1 + sum(len(p["targets"]) for p in payloads.values())
+
+
+# ------------------------------------------------------------------------------------------------------
+# precached vs recomputed memory keys/values
+
+
+def test_recomputed_memory_cache_same_tokens_and_projects_every_step():
+    # a larger init spread than training's, so random weights generate varied tokens (a meaningful comparison)
+    model = build_rxt("rxt-tiny", seed=3, initializer_range=0.5)
+    generator = torch.Generator().manual_seed(1)
+    query = rxt_query(model.config, 6, generator, batch=2)
+    stm = torch.randn((2, *model.config.stm_shape), generator=generator)
+    steps = 9
+    with torch.inference_mode():
+        both = generate_both(model, query, stm, steps)
+    pre, rec = both["precached"], both["recomputed"]
+    assert len(set(pre["sequences"][:, query.shape[1]:].flatten().tolist())) > 2
+    assert torch.equal(pre["sequences"], rec["sequences"])
+    torch.testing.assert_close(pre["logits"], rec["logits"], rtol=1e-5, atol=1e-5)
+    layers = model.config.num_hidden_layers
+    assert pre["k_proj_calls"] == layers  # once per generate() call
+    assert rec["k_proj_calls"] == layers * steps  # every step
+
+
+def test_recomputed_memory_cache_replaces_instead_of_appending():
+    model = build_rxt("rxt-tiny")
+    query = rxt_query(model.config, 5, torch.Generator().manual_seed(0))
+    cache = RecomputedMemoryCache(model.config)
+    kw = generation_kwargs(4, model.config.pad_token_id, model.config.eos_token_id)
+    with torch.inference_mode(), CallCounter(memory_key_projections(model)) as counter:
+        out = model.generate(query, stm_state=model.init_memory(1), past_key_values=cache, return_dict_in_generate=True, **kw)
+    cross = out.past_key_values.cross_attention_cache
+    for layer in cross.layers:
+        assert layer.keys.shape[-2] == model.config.stm_size  # one STM's worth, not one per step
+    assert out.past_key_values.self_attention_cache.get_seq_length() == query.shape[1] + 4 - 1
+    assert counter.calls == model.config.num_hidden_layers * 4
+
+
+# ------------------------------------------------------------------------------------------------------
+# state-size arithmetic and the baseline
+
+
+def test_stm_bytes_arithmetic():
+    config = RxTConfig.from_preset("rxt-alpha-micro")
+    assert stm_bytes(config) == 6 * 256 * 128 * 4 == 786432
+    assert stm_bytes(config, torch.bfloat16, conversations=3) == 3 * 6 * 256 * 128 * 2
+    model = build_rxt("rxt-tiny")
+    stm = model.init_memory(2)
+    assert stm.numel() * stm.element_size() == stm_bytes(model.config, conversations=2)
+
+
+def test_llama_kv_bytes_arithmetic_matches_a_real_cache():
+    rxt_config = RxTConfig.from_preset("rxt-tiny")
+    llama = build_llama_baseline(rxt_config, max_position_embeddings=128)
+    c = llama.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    assert llama_kv_bytes(c, 100) == 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 100 * 4
+    assert kv_cache_bytes(6, 8, 16, 2048, torch.float32) == 2 * 6 * 8 * 16 * 2048 * 4
+    ids = torch.randint(8, rxt_config.vocab_size, (1, 7))
+    kw = generation_kwargs(5, rxt_config.pad_token_id, rxt_config.eos_token_id)
+    with torch.inference_mode():
+        out = llama.generate(ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True, **kw)
+    cached = out.past_key_values.get_seq_length()
+    assert cached == 7 + 5 - 1
+    assert cache_bytes(out.past_key_values) == llama_kv_bytes(c, cached)
+
+
+def test_llama_baseline_matches_rxt_sizes():
+    rxt_config = RxTConfig.from_preset("rxt-alpha-micro")
+    llama = build_llama_baseline(rxt_config, max_position_embeddings=4096)
+    c = llama.config
+    assert c.hidden_size == rxt_config.hidden_size == 128
+    assert c.num_hidden_layers == rxt_config.num_hidden_layers == 6
+    assert c.num_attention_heads == rxt_config.num_attention_heads == 8
+    assert c.num_key_value_heads == 8
+    assert c.head_dim == 16
+    assert c.vocab_size == rxt_config.vocab_size == 7500
+    assert c.intermediate_size == active_feed_forward_size(rxt_config) == 2 * 256
+    assert c.max_position_embeddings == 4096
+    assert llama.lm_head.weight.shape == (7500, 128)
+    assert len(llama.model.layers) == 6
+    assert llama.model.layers[0].mlp.gate_proj.weight.shape == (512, 128)
+
+
+def test_token_timer_records_new_tokens_only():
+    model = build_rxt("rxt-tiny")
+    query = rxt_query(model.config, 5, torch.Generator().manual_seed(0))
+    timer = TokenTimer()
+    kw = generation_kwargs(6, model.config.pad_token_id, model.config.eos_token_id)
+    with torch.inference_mode():
+        timer.start()
+        model.generate(query, stm_state=model.init_memory(1), streamer=timer, **kw)
+    assert len(timer.token_times) == 6
+    assert 0 < timer.first_token_s <= timer.last_token_s
+    assert timer.decode_tokens_per_s > 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# timing helpers
+
+
+def test_summarize():
+    summary = timing.summarize([3.0, 1.0, 2.0, 10.0])
+    assert summary["median"] == 2.5
+    assert summary["min"] == 1.0 and summary["max"] == 10.0
+    assert summary["mean"] == 4.0
+    assert summary["samples"] == [3.0, 1.0, 2.0, 10.0]
+    with pytest.raises(ValueError):
+        timing.summarize([])
+
+
+def test_measure_warmup_repeats_and_setup():
+    calls, setups = [], []
+
+    def setup():
+        setups.append(1)
+        return len(setups)
+
+    summary, result = timing.measure(lambda arg: calls.append(arg) or arg, repeats=3, warmup=2, setup=setup)
+    assert len(calls) == 5 and len(setups) == 5
+    assert calls == [1, 2, 3, 4, 5]  # every call gets a fresh setup value
+    assert result == 5
+    assert len(summary["samples"]) == 3 and all(s >= 0 for s in summary["samples"])
+    with pytest.raises(ValueError):
+        timing.measure(lambda: None, repeats=0)
+
+
+def test_torch_threads_restores():
+    before = torch.get_num_threads()
+    with timing.torch_threads(1) as threads:
+        assert threads == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with timing.torch_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError):
+        with timing.torch_threads(0):
+            pass
+
+
+def test_target_and_ratio():
+    assert timing.target("x", 2.0, 1.5)["met"] is True
+    assert timing.target("x", 1.2, 1.15, "<=")["met"] is False
+    assert timing.target("x", True, True, "==")["met"] is True
+    assert timing.target("x", 1.0, 1.0, ">")["met"] is False
+    assert timing.ratio(1.0, 0.0) == math.inf
+    with pytest.raises(ValueError):
+        timing.target("x", 1, 1, "~")
+
+
+def test_write_result_is_strict_json(tmp_path):
+    payload = timing.new_payload("unit", "a test", True, {"lengths": (1, 2)})
+    payload["results"] = {"inf": math.inf, "tensor": torch.tensor([1, 2]), "dtype": torch.float32}
+    path = timing.write_result("unit", payload, tmp_path)
+    assert path == tmp_path / "unit.json"
+    data = json.loads(path.read_text())
+    assert data["results"] == {"inf": "inf", "tensor": [1, 2], "dtype": "float32"}
+    assert data["config"]["lengths"] == [1, 2]
+    assert data["duration_s"] >= 0 and "_started" not in data
+    assert set(data["machine"]) >= {"cpu", "logical_cores", "torch", "transformers", "git_commit", "git_dirty"}
+
+
+def test_resolve_options():
+    defaults, smoke = {"a": 1, "b": 2}, {"a": 10, "b": 20}
+    assert timing.resolve_options(defaults, smoke, False, {}) == {"a": 1, "b": 2}
+    assert timing.resolve_options(defaults, smoke, True, {"b": 3, "a": None}) == {"a": 10, "b": 3}
+    with pytest.raises(TypeError, match="valid options"):
+        timing.resolve_options(defaults, smoke, False, {"c": 1})
+
+
+def test_every_benchmark_has_smoke_defaults_for_every_option():
+    for name in BENCHMARKS:
+        module = get_benchmark(name)
+        assert module.NAME == name
+        assert set(module.SMOKE) == set(module.DEFAULTS)
+    with pytest.raises(ValueError, match="Unknown benchmark"):
+        get_benchmark("nope")
+
+
+def test_plot_without_matplotlib_is_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(timing, "have_matplotlib", lambda: False)
+    assert timing.plot_lines(tmp_path / "x.png", {"a": ([1, 2], [3, 4])}, "t", "x", "y") is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = timing.plot_lines(tmp_path / "x.png", {"a": ([1, 2], [3, 4])}, "t", "x", "y", logy=True)
+    assert path.exists() and path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------------
+# command line
+
+
+def test_bench_command_parses_and_runs(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="rxt")
+    subparsers = parser.add_subparsers(dest="command")
+    add_bench_command(subparsers)
+    args = parser.parse_args(["bench"])
+    assert args.name == "all" and not args.smoke and args.threads is None
+    args = parser.parse_args(
+        ["bench", "memory-precache", "--smoke", "--threads", "1", "--output-dir", str(tmp_path), "--no-plot"]
+    )
+    assert args.func(args) == 0
+    assert (tmp_path / "memory-precache.json").exists()
+    assert "| memory-precache |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "nope"])
