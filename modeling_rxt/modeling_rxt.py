@@ -94,14 +94,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(states: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate `states` [B, H, T, hd] by positions [B, T] (RoPE, computed on the fly: no buffers to load)."""
-    head_dim = states.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=states.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids[..., None].to(torch.float32) * inv_freq  # [B, T, hd/2]
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
-    cos, sin = angles.cos().to(states.dtype), angles.sin().to(states.dtype)
-    return states * cos + rotate_half(states) * sin
+class RotaryTables:
+    """cos / sin tables for one set of positions [B, T], computed once per head dim and shared by all layers."""
+
+    def __init__(self, position_ids: torch.Tensor, theta: float):
+        self.position_ids = position_ids
+        self.theta = theta
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, head_dim: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (head_dim, dtype, device)
+        if key not in self.tables:
+            exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+            inv_freq = 1.0 / (self.theta**exponents)
+            freqs = self.position_ids.to(device=device, dtype=torch.float32)[..., None] * inv_freq  # [B, T, hd/2]
+            angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+            self.tables[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return self.tables[key]
+
+    def rotate(self, states: torch.Tensor) -> torch.Tensor:
+        """RoPE on `states` [B, H, T, hd]."""
+        cos, sin = self.get(states.shape[-1], states.dtype, states.device)
+        return states * cos + rotate_half(states) * sin
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, length: int, past_length: int, device) -> torch.Tensor:
@@ -159,11 +173,12 @@ class RxTAttention(nn.Module):
     cross-attention: memory is a set) or "key" (memory attention: memory slots are the queries), "none".
     """
 
-    def __init__(self, config: RxTConfig, role: str, rope: str, layer_idx: int):
+    def __init__(self, config: RxTConfig, role: str, rope: str, layer_idx: int, cross: bool):
         super().__init__()
         num_heads, num_query_heads, num_key_value_heads = config.attention_heads()[role]
         self.config = config
         self.layer_idx = layer_idx
+        self.cross = cross
         self.head_dim = config.hidden_size // num_heads
         self.num_query_heads = num_query_heads
         self.num_key_value_heads = num_key_value_heads
@@ -171,7 +186,6 @@ class RxTAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.rope_query = rope in ("query_key", "query")
         self.rope_key = rope in ("query_key", "key")
-        self.rope_theta = config.rope_theta
         self.is_causal = False  # causality always comes from the explicit mask
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, num_query_heads * self.head_dim, bias=bias)
@@ -183,30 +197,30 @@ class RxTAttention(nn.Module):
         batch, length, _ = states.shape
         return states.view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
 
-    def project_key_value(self, source: torch.Tensor, position_ids: torch.Tensor | None = None):
+    def project_key_value(self, source: torch.Tensor, rotary: RotaryTables | None = None):
         """Keys and values [B, Hkv, Tk, hd] from `source` [B, Tk, D]."""
         key = self.split_heads(self.k_proj(source))
         value = self.split_heads(self.v_proj(source))
         if self.rope_key:
-            key = apply_rotary(key, position_ids, self.rope_theta)
+            key = rotary.rotate(key)
         return key, value
 
     def forward(
         self,
         hidden_states: torch.Tensor,  # [B, Tq, D]
-        key_value_states: torch.Tensor | None = None,  # [B, Tk, D]; None: self-attention
+        key_value_states: torch.Tensor | None = None,  # [B, Tk, D] source of a cross attention
         attention_mask: torch.Tensor | None = None,  # additive [B, 1, Tq, Tk]
-        position_ids: torch.Tensor | None = None,  # [B, Tq]
-        key_position_ids: torch.Tensor | None = None,  # [B, Tk] for cross sources with rotated keys
+        rotary: RotaryTables | None = None,  # positions of the queries (self-attention, memory cross-attention)
+        key_rotary: RotaryTables | None = None,  # positions of a cross source with rotated keys (memory attention)
         past_key_values: Cache | None = None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         query = self.split_heads(self.q_proj(hidden_states))  # [B, Hq, Tq, hd]
         if self.rope_query:
-            query = apply_rotary(query, position_ids, self.rope_theta)
+            query = rotary.rotate(query)
 
-        if key_value_states is None:  # self-attention, optionally cached
-            key, value = self.project_key_value(hidden_states, position_ids)
+        if not self.cross:  # self-attention, optionally cached
+            key, value = self.project_key_value(hidden_states, rotary)
             if past_key_values is not None:
                 cache = getattr(past_key_values, "self_attention_cache", past_key_values)
                 key, value = cache.update(key, value, self.layer_idx)
@@ -215,11 +229,11 @@ class RxTAttention(nn.Module):
                 layer = past_key_values.cross_attention_cache.layers[self.layer_idx]
                 key, value = layer.keys, layer.values
             else:
-                key, value = self.project_key_value(key_value_states, key_position_ids)
+                key, value = self.project_key_value(key_value_states, key_rotary)
                 key, value = past_key_values.cross_attention_cache.update(key, value, self.layer_idx)
                 past_key_values.is_updated[self.layer_idx] = True
         else:
-            key, value = self.project_key_value(key_value_states, key_position_ids)
+            key, value = self.project_key_value(key_value_states, key_rotary)
 
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -279,19 +293,18 @@ class RxTMoE(nn.Module):
         top_weights = (top_weights / top_weights.sum(-1, keepdim=True)).to(flat.dtype)
 
         output = torch.zeros_like(flat)
-        for expert_idx, expert in enumerate(self.experts):
+        for expert_idx in top_experts.unique().tolist():  # only experts that received tokens
             token_idx, slot = torch.where(top_experts == expert_idx)
-            if token_idx.numel() == 0:
-                continue
-            expert_out = expert(flat[token_idx]) * top_weights[token_idx, slot, None]
+            expert_out = self.experts[expert_idx](flat[token_idx]) * top_weights[token_idx, slot, None]
             output.index_add_(0, token_idx, expert_out)
         for shared in self.shared_experts:
             output = output + shared(flat)
 
         valid = torch.ones(flat.shape[0], device=x.device) if token_mask is None else token_mask.reshape(-1).float()
         count = valid.sum().clamp(min=1)
-        assigned = F.one_hot(top_experts, self.num_experts).sum(1).float()  # [N, E]
-        fraction = (assigned * valid[:, None]).sum(0) / (count * self.top_k)
+        weights = valid[:, None].expand_as(top_experts).reshape(-1)
+        assigned = torch.bincount(top_experts.reshape(-1), weights=weights, minlength=self.num_experts)  # [E]
+        fraction = assigned / (count * self.top_k)
         mean_prob = (probs * valid[:, None]).sum(0) / count
         aux_loss = self.num_experts * (fraction * mean_prob).sum()
         return output.view(batch, length, dim), aux_loss
@@ -358,10 +371,12 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: RxTConfig, layer_idx: int):
         super().__init__()
         self.self_attn_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = RxTAttention(config, "self_attention", rope="query_key", layer_idx=layer_idx)
+        self.self_attn = RxTAttention(config, "self_attention", rope="query_key", layer_idx=layer_idx, cross=False)
         self.memory_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.cross_attn_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.memory_cross_attn = RxTAttention(config, "memory_cross_attention", rope="query", layer_idx=layer_idx)
+        self.memory_cross_attn = RxTAttention(
+            config, "memory_cross_attention", rope="query", layer_idx=layer_idx, cross=True
+        )
         self.ff_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.decoder_feed_forward == "moe"
         if self.is_moe:
@@ -375,7 +390,7 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         memory: torch.Tensor,  # [B, S, D] this layer's STM
         attention_mask: torch.Tensor | None = None,  # additive causal [B, 1, T, Tk]
         memory_mask: torch.Tensor | None = None,  # additive [B, 1, 1, S]
-        position_ids: torch.Tensor | None = None,
+        rotary: RotaryTables | None = None,
         token_mask: torch.Tensor | None = None,  # [B, T] for the MoE aux loss
         past_key_values: Cache | None = None,
     ):
@@ -383,17 +398,20 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.self_attn(
             self.self_attn_norm(hidden_states),
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            rotary=rotary,
             past_key_values=past_key_values,
         )
         hidden_states = residual + hidden_states
 
         residual = hidden_states
+        cached = isinstance(past_key_values, EncoderDecoderCache) and past_key_values.is_updated.get(
+            self.memory_cross_attn.layer_idx
+        )
         hidden_states = self.memory_cross_attn(
             self.cross_attn_norm(hidden_states),
-            key_value_states=self.memory_norm(memory),
+            key_value_states=None if cached else self.memory_norm(memory),
             attention_mask=memory_mask,
-            position_ids=position_ids,
+            rotary=rotary,
             past_key_values=past_key_values,
         )
         hidden_states = residual + hidden_states
@@ -412,13 +430,13 @@ class RxTEncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: RxTConfig, layer_idx: int):
         super().__init__()
         self.self_attn_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = RxTAttention(config, "self_attention", rope="query_key", layer_idx=layer_idx)
+        self.self_attn = RxTAttention(config, "self_attention", rope="query_key", layer_idx=layer_idx, cross=False)
         self.ff_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = RxTSwiGLU(config.hidden_size, config.encoder_intermediate_size)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None):
+    def forward(self, hidden_states, attention_mask=None, rotary=None):
         hidden_states = hidden_states + self.self_attn(
-            self.self_attn_norm(hidden_states), attention_mask=attention_mask, position_ids=position_ids
+            self.self_attn_norm(hidden_states), attention_mask=attention_mask, rotary=rotary
         )
         return hidden_states + self.feed_forward(self.ff_norm(hidden_states))
 
@@ -439,13 +457,13 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         if self.variant != "simple":
             self.pre_query_norm = RxTRMSNorm(config.hidden_size, eps)
             self.pre_key_value_norm = RxTRMSNorm(config.hidden_size, eps)
-            self.pre_attention = RxTAttention(config, "memory_attention", rope="none", layer_idx=layer_idx)
+            self.pre_attention = RxTAttention(config, "memory_attention", rope="none", layer_idx=layer_idx, cross=True)
             self.pre_gate = RxTResidualGate(config)
         if self.variant == "gated-self-interlayer":
             self.source_gate = RxTResidualGate(config)
         self.memory_norm = RxTRMSNorm(config.hidden_size, eps)
         self.encoded_norm = RxTRMSNorm(config.hidden_size, eps)
-        self.attention = RxTAttention(config, "memory_attention", rope="key", layer_idx=layer_idx)
+        self.attention = RxTAttention(config, "memory_attention", rope="key", layer_idx=layer_idx, cross=True)
         self.gate = RxTResidualGate(config)
 
     def forward(
@@ -454,7 +472,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         stm_mean: torch.Tensor,  # [B, S, D] mean over layers of the old STM
         encoded: torch.Tensor,  # [B, T, D]
         encoded_mask: torch.Tensor | None = None,  # additive [B, 1, 1, T]
-        encoded_position_ids: torch.Tensor | None = None,  # [B, T]
+        encoded_rotary: RotaryTables | None = None,  # positions of the encoded tokens
     ) -> torch.Tensor:
         state = stm_layer
         if self.variant != "simple":
@@ -472,7 +490,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
             self.memory_norm(state),
             key_value_states=self.encoded_norm(encoded),
             attention_mask=encoded_mask,
-            key_position_ids=encoded_position_ids,
+            key_rotary=encoded_rotary,
         )
         return self.gate(state, update)
 
@@ -486,6 +504,7 @@ class RxTDecoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(RxTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope_theta = config.rope_theta
 
     def forward(
         self,
@@ -504,6 +523,7 @@ class RxTDecoder(nn.Module):
         self_mask = causal_mask(attention_mask, length, past_length + length, inputs_embeds.dtype, inputs_embeds.device)
         memory_mask = padding_mask(memory_attention_mask, inputs_embeds.dtype)
         token_mask = attention_mask[:, -length:] if attention_mask is not None else None
+        rotary = RotaryTables(position_ids, self.rope_theta)
 
         hidden_states, aux_loss = inputs_embeds, inputs_embeds.new_zeros(())
         all_hidden = (hidden_states,) if output_hidden_states else None
@@ -513,7 +533,7 @@ class RxTDecoder(nn.Module):
                 memory[:, idx],
                 attention_mask=self_mask,
                 memory_mask=memory_mask,
-                position_ids=position_ids,
+                rotary=rotary,
                 token_mask=token_mask,
                 past_key_values=past_key_values,
             )
@@ -528,14 +548,15 @@ class RxTEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(RxTEncoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope_theta = config.rope_theta
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RxTEncoderOutput:
         batch, length, _ = inputs_embeds.shape
-        position_ids = positions_from_mask(attention_mask, length, 0, inputs_embeds.device)
+        rotary = RotaryTables(positions_from_mask(attention_mask, length, 0, inputs_embeds.device), self.rope_theta)
         mask = padding_mask(attention_mask, inputs_embeds.dtype)
         hidden_states, layer_states = inputs_embeds, []
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids)
+            hidden_states = layer(hidden_states, attention_mask=mask, rotary=rotary)
             layer_states.append(hidden_states)
         return RxTEncoderOutput(
             last_hidden_state=self.norm(hidden_states),
@@ -549,6 +570,7 @@ class RxTMemoryAttention(nn.Module):
     def __init__(self, config: RxTConfig):
         super().__init__()
         self.layers = nn.ModuleList(RxTMemoryAttentionLayer(config, i) for i in range(config.num_hidden_layers))
+        self.rope_theta = config.rope_theta
         if config.stm_init_mode == "learned":
             self.initial_stm = nn.Parameter(torch.empty(config.stm_shape))
 
@@ -559,11 +581,11 @@ class RxTMemoryAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [B, T]
     ) -> torch.Tensor:
         length = encoded.shape[2]
-        position_ids = positions_from_mask(attention_mask, length, 0, encoded.device)
+        rotary = RotaryTables(positions_from_mask(attention_mask, length, 0, encoded.device), self.rope_theta)
         mask = padding_mask(attention_mask, encoded.dtype)
         stm_mean = stm_state.mean(dim=1)  # [B, S, D]
         new_layers = [
-            layer(stm_state[:, idx], stm_mean, encoded[:, idx], mask, position_ids)
+            layer(stm_state[:, idx], stm_mean, encoded[:, idx], mask, rotary)
             for idx, layer in enumerate(self.layers)
         ]
         return torch.stack(new_layers, dim=1)  # [B, L, S, D]

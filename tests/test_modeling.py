@@ -362,6 +362,7 @@ def test_remote_code_round_trip_in_a_fresh_process(tmp_path, auto_name):
         "HOME": str(tmp_path),
         "HF_HOME": str(tmp_path / "hf"),
         "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),  # same kernels as this process: bit-identical logits
     }
     result = subprocess.run(
         [sys.executable, str(script), str(folder), auto_name],
