@@ -38,8 +38,9 @@ setup(
         "sacrebleu>=2.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "matplotlib>=3.7"],
         "tensorboard": ["tensorboard"],
+        "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["rxt=recipes.cli:main"]},
     classifiers=[

@@ -72,6 +72,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.set_defaults(func=command_chat)
+
+    from benchmarks.cli import add_bench_command
+
+    add_bench_command(subparsers)
     return parser, subparsers
 
 
