@@ -1,0 +1,262 @@
+"""MRL (stage 5): IMPO loss, group advantages, curriculum, STM resets, gradients through memory, a tiny run."""
+
+import contextlib
+import io
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.tokenization_rxt import build_tokenizer
+from trainers.mrl_trainer import (
+    MRLConfig,
+    MRLCurriculum,
+    MRLTrainer,
+    group_advantages,
+    impo_loss,
+    rewarded_turns,
+)
+from trainers.synthetic_data import build_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def mrl_data():
+    return build_synthetic_dataset("multi-turn", num_conversations=24, num_turns=4, max_recall_distance=3,
+                                   seed=0)["train"]
+
+
+@pytest.fixture(scope="module")
+def mrl_tokenizer(mrl_data):
+    texts = [r["query"] + " " + r["answer"] for r in mrl_data]
+    texts += [t["query"] + " " + t["answer"] for r in mrl_data for t in r["interactions"]]
+    return build_tokenizer(texts, vocab_size=300, min_frequency=1, model_max_length=64)
+
+
+def _model(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    return RxTForCausalLM(RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer)))
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+                max_completion_length=5, curriculum_steps=[1, 3], use_cpu=True, disable_tqdm=True,
+                save_strategy="no", learning_rate=1e-3, seed=0)
+    base.update(kw)
+    return MRLConfig(**base)
+
+
+def _trainer(tmp_path, data, tokenizer, **kw):
+    return MRLTrainer(_model(tokenizer), args=_args(tmp_path, **kw), train_dataset=data, processing_class=tokenizer)
+
+
+def _quiet_train(trainer, **kw):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return trainer.train(**kw)
+
+
+# --- pure pieces ---------------------------------------------------------------------------------------
+
+
+def test_impo_loss_matches_hand_computation():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]])
+    old = torch.tensor([[-1.3, -1.9, -0.5], [-0.1, -1.2, 0.0]])
+    ref = torch.tensor([[-1.1, -2.2, -0.4], [-0.2, -1.0, 0.0]])
+    adv = torch.tensor([1.5, -0.7])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    stm_mse = torch.tensor(0.25)
+    eps, beta, mem = 0.2, 0.1, 0.5
+    loss, stats = impo_loss(logp, old, adv, mask, epsilon_low=eps, epsilon_high=eps, ref_per_token_logps=ref,
+                            kl_coef=beta, stm_mse=stm_mse, memory_reg_coef=mem, loss_type="grpo")
+    # by hand, token by token
+    rows = []
+    kls, clipped, count = [], 0, 0
+    for i in range(2):
+        terms = []
+        for j in range(3):
+            if not mask[i, j]:
+                continue
+            r = math.exp(logp[i, j] - old[i, j])
+            a = float(adv[i])
+            rc = min(max(r, 1 - eps), 1 + eps)
+            d = float(ref[i, j] - logp[i, j])
+            kl = math.exp(d) - d - 1
+            kls.append(kl)
+            terms.append(-min(r * a, rc * a) + beta * kl)
+            clipped += int((r < 1 - eps and a < 0) or (r > 1 + eps and a > 0))
+            count += 1
+        rows.append(sum(terms) / len(terms))
+    expected = sum(rows) / 2 + mem * 0.25
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats["kl"].item() == pytest.approx(sum(kls) / count, rel=1e-6)
+    assert stats["clip_fraction"].item() == pytest.approx(clipped / count)
+    assert clipped > 0  # the example does exercise the clip (ratio exp(0.3) > 1.2 with A > 0)
+    assert stats["memory_loss"].item() == pytest.approx(0.25)
+    # token-level aggregation
+    loss_tok, _ = impo_loss(logp, old, adv, mask, epsilon_low=eps, epsilon_high=eps, loss_type="dapo")
+    per = [-min(math.exp(logp[i, j] - old[i, j]) * adv[i],
+                min(max(math.exp(logp[i, j] - old[i, j]), 1 - eps), 1 + eps) * adv[i])
+           for i in range(2) for j in range(3) if mask[i, j]]
+    assert loss_tok.item() == pytest.approx(float(sum(per) / len(per)), rel=1e-6)
+
+
+def test_group_advantages_are_normalised_per_group():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.5, 0.5, 0.5, 4.0, float("nan"), 2.0])
+    adv = group_advantages(rewards, 3)
+    for g in range(3):
+        r = rewards[3 * g: 3 * g + 3]
+        valid = r[~torch.isnan(r)]
+        mean, std = valid.mean(), valid.std()  # unbiased, like TRL's nanstd
+        std = 0.0 if torch.isnan(std) else std
+        for k in range(3):
+            if torch.isnan(r[k]):
+                assert adv[3 * g + k] == 0
+            else:
+                assert adv[3 * g + k].item() == pytest.approx(((r[k] - mean) / (std + 1e-4)).item(), abs=1e-5)
+    assert torch.allclose(adv[3:6], torch.zeros(3))
+    assert torch.allclose(group_advantages(rewards[:3], 3, "none"), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_curriculum_schedule_and_strategies(tmp_path):
+    args = MRLConfig(output_dir=str(tmp_path), max_steps=100, curriculum_steps=[2, 4, 8, 12, 16], use_cpu=True)
+    cur = MRLCurriculum(args)
+    assert [cur.num_steps(s) for s in (0, 19, 20, 39, 40, 60, 99)] == [2, 2, 4, 4, 8, 12, 16]
+    assert [cur.strategy(s) for s in (0, 20, 40, 60, 80)] == [
+        "cumulative", "long-range", "cumulative", "long-range", "cumulative"]
+    args = MRLConfig(output_dir=str(tmp_path), max_steps=10, curriculum_steps=[2, 6], curriculum_starts=[0, 0.7],
+                     curriculum_strategies=["long-range", "cumulative"], own_answers_from_stage=1, use_cpu=True)
+    cur = MRLCurriculum(args)
+    assert [cur.num_steps(s) for s in (0, 6, 7, 9)] == [2, 2, 6, 6]
+    assert cur.strategy(0) == "long-range" and cur.strategy(7) == "cumulative"
+    assert not cur.own_answers(6) and cur.own_answers(7)
+    # which turns an episode rewards
+    distances = [0, 0, 1, 3, 0, 2]
+    assert rewarded_turns(distances, "cumulative") == [1, 2, 3, 4, 5]
+    assert rewarded_turns(distances, "long-range", 2) == [3, 5]
+    assert rewarded_turns(distances, "long-range", 3) == [3]
+    assert rewarded_turns([0, 0, 1], "long-range", 2) == [2]  # fallback: the last turn
+
+
+def test_bad_config_values_fail_before_training(tmp_path):
+    for bad in (dict(beta=0.1), dict(curriculum_steps=[]), dict(curriculum_steps=[2, 0]),
+                dict(curriculum_starts=[0.5, 0.7]), dict(curriculum_strategies=["cumulative", "random"]),
+                dict(stm_reset_probability=1.5), dict(kl_reference="ref"), dict(freeze_schedule={"head": 0}),
+                dict(memory_reg_coef=-1.0), dict(loss_type="cispo")):
+        with pytest.raises(ValueError):
+            MRLConfig(output_dir=str(tmp_path), curriculum_steps=bad.pop("curriculum_steps", [2, 4]), use_cpu=True,
+                      **bad)
+
+
+# --- trainer --------------------------------------------------------------------------------------------
+
+
+def _batch(trainer, data, step=0):
+    trainer.state.global_step = step
+    rows = [data[i] for i in (0, 0, 1, 1)]
+    return trainer._generate_and_score_completions(rows)
+
+
+def test_stm_reset_probability(tmp_path, mrl_data, mrl_tokenizer):
+    never = _trainer(tmp_path / "a", mrl_data, mrl_tokenizer, stm_reset_probability=0.0, kl_coef=0.0)
+    batch = _batch(never, mrl_data)
+    fresh = never.model.init_memory(4)
+    assert torch.allclose(batch["initial_stm"], fresh)
+    always = _trainer(tmp_path / "b", mrl_data, mrl_tokenizer, stm_reset_probability=1.0, stm_reset_std=0.5,
+                      kl_coef=0.0)
+    batch = _batch(always, mrl_data)
+    stm = batch["initial_stm"]
+    assert not torch.allclose(stm, always.model.init_memory(4))
+    assert stm.std().item() == pytest.approx(0.5, rel=0.2)
+    assert torch.equal(stm[0], stm[1]) and torch.equal(stm[2], stm[3])  # one draw per conversation group
+    assert not torch.equal(stm[0], stm[2])
+
+
+def test_episode_layout_and_group_advantages(tmp_path, mrl_data, mrl_tokenizer):
+    trainer = _trainer(tmp_path, mrl_data, mrl_tokenizer, kl_coef=0.05)
+    batch = _batch(trainer, mrl_data, step=1)  # stage 1: 3 follow-ups, "long-range" by default
+    assert trainer.curriculum.strategy(1) == "long-range"
+    R, N, _ = batch["seq_ids"].shape
+    assert (R, N) == (4, 4)
+    scored = batch["scored"]
+    assert not scored[:, 0].any()  # the first interaction only goes into memory
+    assert torch.equal(scored[0], scored[1]) and torch.equal(scored[2], scored[3])
+    for r in range(R):
+        for t in range(N):
+            if scored[r, t]:
+                assert batch["completion_mask"][r, t].sum() > 0
+    # the advantages of each (conversation, turn) group of G=2 rollouts sum to ~0
+    adv = batch["advantages"]
+    assert torch.allclose(adv[0] + adv[1], torch.zeros(N), atol=1e-4)
+    assert "ref_per_token_logps" in batch
+
+
+def _loss_grads(trainer, batch):
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.model.train()
+    trainer.state.global_step = 0
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    parts = trainer.component_parameters()
+    return {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+            for name, params in parts.items()}
+
+
+def test_policy_gradient_reaches_memory_attention_and_encoder(tmp_path, mrl_data, mrl_tokenizer):
+    trainer = _trainer(tmp_path, mrl_data, mrl_tokenizer, kl_coef=0.0, memory_reg_coef=0.0,
+                       curriculum_steps=[3], freeze_schedule={"memory_attention": 0, "encoder": 0, "decoder": 0})
+    batch = _batch(trainer, mrl_data)
+    # make sure the policy term is non-zero: replace the advantages by fixed non-zero values
+    batch["advantages"] = torch.where(batch["scored"], torch.tensor(1.0), torch.tensor(0.0))
+    batch["old_per_token_logps"] = trainer._episode_logps(trainer.model, batch)[0].detach() + 0.05
+    trainer.apply_freeze(0)
+    grads = _loss_grads(trainer, batch)
+    assert grads["memory_attention"] and grads["encoder"] and grads["decoder"]
+    # encoder frozen: the policy loss still reaches memory attention, the encoder gets no gradient
+    trainer.freeze_steps = {"memory_attention": 0, "encoder": None, "decoder": 0, "embedding": None}
+    trainer.apply_freeze(0)
+    grads = _loss_grads(trainer, batch)
+    assert grads["memory_attention"] and not grads["encoder"] and not grads["embedding"]
+
+
+def test_freeze_schedule_memory_first(tmp_path, mrl_data, mrl_tokenizer):
+    trainer = _trainer(tmp_path, mrl_data, mrl_tokenizer, max_steps=8, kl_coef=0.0)
+    assert trainer.trainable_components(0) == ["memory_attention"]
+    assert set(trainer.trainable_components(2)) == {"decoder", "memory_attention", "encoder"}
+
+
+def test_tiny_run_logs_metrics_saves_and_resumes(tmp_path, mrl_data, mrl_tokenizer):
+    out = tmp_path / "run"
+    trainer = _trainer(out, mrl_data, mrl_tokenizer, max_steps=3, save_strategy="steps", save_steps=2,
+                       stm_reset_probability=0.5, curriculum_steps=[1, 2, 3], own_answers_from_stage=2,
+                       freeze_schedule={"memory_attention": 0, "decoder": 1, "encoder": 1})
+    before = {k: v.clone() for k, v in trainer.model.model.memory_attention.state_dict().items()}
+    _quiet_train(trainer)
+    logs = [rec for rec in trainer.state.log_history if "loss" in rec]
+    assert len(logs) == 3
+    for rec in logs:
+        for key in ("rewards/reference_bleu/mean", "rewards/reference_bleu/std", "rewards/length/mean",
+                    "reward", "reward_std", "kl", "stm_change", "clip_fraction", "answer_length", "policy_loss",
+                    "memory_loss", "curriculum/steps"):
+            assert key in rec, key
+        assert math.isfinite(rec["loss"])
+    assert [rec["curriculum/steps"] for rec in logs] == [1, 2, 3]
+    after = trainer.model.model.memory_attention.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    ckpt = out / "checkpoint-2"
+    assert ckpt.is_dir()
+    # resume from the step-2 checkpoint: training continues at step 2 and ends at 3
+    resumed = _trainer(out, mrl_data, mrl_tokenizer, max_steps=3, save_strategy="no", stm_reset_probability=0.5,
+                       curriculum_steps=[1, 2, 3], own_answers_from_stage=2,
+                       freeze_schedule={"memory_attention": 0, "decoder": 1, "encoder": 1})
+    _quiet_train(resumed, resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 3
+    new_logs = [rec for rec in resumed.state.log_history if "loss" in rec]
+    assert new_logs[-1]["step"] == 3 and new_logs[-1]["curriculum/steps"] == 3
+    # the final model saves and reloads
+    resumed.save_model(str(out / "final"))
+    reloaded = RxTForCausalLM.from_pretrained(str(out / "final"))
+    assert isinstance(reloaded, RxTForCausalLM)
+    assert os.path.isfile(out / "final" / "config.json")
+    json.loads((out / "final" / "config.json").read_text())

@@ -1,0 +1,772 @@
+"""Stage 5: Memory Reinforcement Learning (MRL) for RxT, derived from TRL's GRPO trainer.
+
+``MRLConfig`` subclasses ``trl.GRPOConfig`` and ``MRLTrainer`` subclasses ``trl.GRPOTrainer`` (TRL **1.16.0**,
+pinned in ``setup.py``, because private methods are overridden). What is reused from TRL unchanged:
+
+- the ``transformers.Trainer`` loop underneath (optimizer / scheduler, gradient accumulation and clipping,
+  progress bar, ``checkpoint-N`` saving, ``train(resume_from_checkpoint=...)``, ``save_model`` and the model
+  card, trackers);
+- GRPO's data path: the ``RepeatSampler`` that repeats every data set row (here: a *conversation*)
+  ``num_generations`` times, the generation buffer of ``_prepare_inputs`` (``steps_per_generation``,
+  ``num_iterations``, shuffling and splitting of the generated batch);
+- the reward-function machinery: ``_calculate_rewards`` (TRL's reward-function signature
+  ``fn(prompts, completions, completion_ids=..., **columns, trainer_state, log_extra, log_metric)``, ``None``
+  -> NaN, reward weights from ``reward_weights``) and the metric store / ``log`` (averaging per logging step);
+- the GRPO group baseline (``(r - mean_group) / (std_group + 1e-4)`` with ``scale_rewards`` "group" / "batch" /
+  "none"), written out in :func:`group_advantages` with TRL's ``nanstd``, and the clipped surrogate with
+  ``epsilon`` / ``epsilon_high`` and TRL's k3 KL estimator, written out in :func:`impo_loss` (TRL 1.16 computes
+  them inline in ``_compute_loss``, which cannot be called with an STM-conditioned episode).
+
+Overridden private methods of GRPOTrainer 1.16.0 (re-check them when TRL is upgraded):
+
+- ``_generate_and_score_completions(inputs)``: TRL generates one completion per prompt with a plain
+  ``model.generate``. An MRL *episode* is a conversation: the STM for turn ``k`` is built by encoder + memory
+  attention from turns ``< k``; at the turns the curriculum rewards, every one of the ``G`` copies of the
+  conversation samples its own answer (``generate(..., stm_state=stm)``), the answers are scored with the
+  reward functions and turned into group advantages (group = the G rollouts of one conversation at one turn).
+  The interaction written into memory is the reference one, or the rollout's own answer once the curriculum
+  says so (``own_answers_from_stage``). It returns per-turn tensors ``[R, N, ...]`` (R = rows, N = turns).
+- ``_compute_loss(model, inputs)`` (and therefore ``compute_loss``): the episode is re-played *with gradients*:
+  the STM for turn k is recomputed from the stored interactions of turns < k (starting from the stored initial
+  STM), so the policy loss of turn k reaches memory attention and, when unfrozen, the encoder. The loss is
+  IMPO (Implicit Memory Policy Optimization): the clipped surrogate (no GAE; advantage = group baseline),
+  plus ``kl_coef`` x KL to the previous step's policy (or the initial policy), plus ``memory_reg_coef`` x the
+  mean squared difference between consecutive STMs.
+- ``training_step``: applies the freezing schedule (``freeze_schedule``) before TRL's step.
+
+``beta`` (TRL's reference-model KL, which would reload the model from the Hub by name) must stay 0: the IMPO
+KL is ``kl_coef`` with ``kl_reference`` ("previous": a copy of the policy of the previous optimizer step,
+"initial": a frozen copy of the starting policy). Both copies are plain ``deepcopy``s of the RxT model made
+before TRL patches its forward; the reference log-probs are computed by re-playing the episode with the copy's
+own memory system.
+
+Curriculum: ``curriculum_steps`` (e.g. ``[2, 4, 8, 12, 16]``) is the number of follow-up interactions in an
+episode (after the first, memory-only interaction); ``curriculum_starts`` says from which optimizer step each
+stage runs (ints, or fractions of ``max_steps``; default: equal parts). ``curriculum_strategies`` per stage:
+
+- ``"cumulative"``: every follow-up turn is answered and rewarded (with the synthetic data: recall questions
+  about the last turns and the filler turns in between);
+- ``"long-range"``: only recall questions about facts at least ``long_range_min_distance`` turns back are
+  answered and rewarded; the unrelated turns in between are written into memory with their reference answers
+  (an episode without such a question rewards its last turn). Build the data set with a large enough
+  ``max_recall_distance``.
+
+With probability ``stm_reset_probability`` an episode (all G rollouts of a conversation) starts from a random
+normal STM (std ``stm_reset_std``) instead of ``init_memory``. ``freeze_schedule`` maps components
+(``decoder``, ``memory_attention``, ``encoder``, ``embedding``) to the optimizer step (int) or fraction of
+``max_steps`` from which they train (default: memory attention first, then everything but the embedding).
+
+Metrics logged every logging step (``logging_steps=1`` for every step): ``rewards/<fn>/mean`` and ``/std``
+per reward function (and ``rewards/<component>/mean`` from a ``CombinedReward``), ``reward``, ``reward_std``,
+``kl``, ``stm_change`` (mean squared STM difference per memory update), ``memory_loss``, ``clip_fraction``,
+``answer_length``, ``entropy``, ``policy_loss``, ``curriculum/steps``, ``curriculum/stage``, ``stm_reset``.
+
+Not implemented: the optional memory-aware critic (the advantage is always the group baseline); vLLM
+generation (``use_vllm`` is refused); multi-process runs with the "long-range" strategy (the number of rewarded
+turns may differ between processes; TRL's reward ``gather`` needs equal counts) - single process or
+"cumulative" only; the "previous" KL snapshot is not stored in checkpoints (after a resume it restarts from the
+resumed weights, so the first KL after a resume is 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import nanstd
+
+from .data import _encode_texts, _frame, special_ids
+from .rewards import length_reward, memory_bleu_reward, reference_bleu_reward
+from .smat_trainer import SMAT_COMPONENTS, resolve_schedule_step
+
+__all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo_loss"]
+
+STRATEGIES = ("cumulative", "long-range")
+KL_REFERENCES = ("previous", "initial")
+LOSS_TYPES = ("grpo", "bnpo", "dapo")
+
+
+def _default_freeze() -> dict[str, int | float | None]:
+    return {"memory_attention": 0, "encoder": 0.25, "decoder": 0.25, "embedding": None}
+
+
+# ------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class MRLConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus the MRL / IMPO fields. GRPO fields keep their meaning (``num_generations`` = G
+    rollouts per conversation, ``max_completion_length`` = answer tokens, ``temperature`` / ``top_p`` /
+    ``top_k``, ``epsilon`` / ``epsilon_high``, ``scale_rewards``, ``reward_weights``, ``num_iterations``...).
+
+    Changed defaults: ``loss_type="grpo"`` (mean over each answer's tokens, then over answers),
+    ``gradient_checkpointing=False``, ``bf16=False``, ``logging_steps=1``, ``report_to="none"``. ``beta`` must
+    stay 0 (use ``kl_coef``); ``use_vllm`` is not supported.
+    """
+
+    curriculum_steps: list[int] = field(
+        default_factory=lambda: [2, 4, 8, 12, 16],
+        metadata={"help": "Episode lengths (follow-up interactions after the first, memory-only one) of the "
+                          "curriculum stages, e.g. [2, 4, 8, 12, 16]."},
+    )
+    curriculum_starts: list[float] | None = field(
+        default=None,
+        metadata={"help": "Optimizer step (int) or fraction of max_steps (float in [0, 1)) at which each stage "
+                          "starts; the first is 0. None: equal parts of max_steps."},
+    )
+    curriculum_strategies: list[str] | None = field(
+        default=None,
+        metadata={"help": "Strategy per stage: 'cumulative' (reward every follow-up turn) or 'long-range' "
+                          "(reward only recall questions at least long_range_min_distance turns back). None: "
+                          "'cumulative' for the first stage, then alternating 'long-range' / 'cumulative'."},
+    )
+    long_range_min_distance: int = field(
+        default=2, metadata={"help": "Minimum recall distance of the questions rewarded by 'long-range'."}
+    )
+    own_answers_from_stage: int | None = field(
+        default=None,
+        metadata={"help": "From this curriculum stage (index) on, memory is updated with the rollout's own "
+                          "answers instead of the reference answers. None: always reference answers."},
+    )
+    stm_reset_probability: float = field(
+        default=0.0,
+        metadata={"help": "Probability that an episode starts from a random normal STM instead of init_memory."},
+    )
+    stm_reset_std: float = field(default=0.02, metadata={"help": "Std of the random STM of a reset."})
+    memory_reg_coef: float = field(
+        default=0.1,
+        metadata={"help": "IMPO memory regularisation: weight of the mean squared difference between consecutive "
+                          "STMs."},
+    )
+    kl_coef: float = field(
+        default=0.01,
+        metadata={"help": "IMPO policy stabilisation: weight of the (k3) KL between the current policy and "
+                          "kl_reference, on the sampled answer tokens. 0 disables it."},
+    )
+    kl_reference: str = field(
+        default="previous",
+        metadata={"help": "'previous' (the policy of the previous optimizer step) or 'initial' (the starting "
+                          "policy, like TRL's reference model)."},
+    )
+    freeze_schedule: dict | str | None = field(
+        default=None,
+        metadata={"help": "Component -> optimizer step (int) or fraction of max_steps (float) from which it trains "
+                          "(decoder incl. lm_head, memory_attention, encoder, embedding; missing or None: frozen). "
+                          "A JSON string is accepted. None: {'memory_attention': 0, 'encoder': 0.25, 'decoder': 0.25, "
+                          "'embedding': None}. Ignored for PEFT models."},
+    )
+    max_interaction_length: int = field(
+        default=128, metadata={"help": "Maximum tokens of one interaction ([BOS][Q] query [A] answer [EOS])."}
+    )
+    # changed GRPO defaults
+    loss_type: str = field(default="grpo", metadata={"help": "'grpo' (per-answer token mean), 'bnpo' / 'dapo' "
+                                                             "(token mean over the batch)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Not used by MRL."})
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers (transformers)."})
+
+    def __post_init__(self):
+        if isinstance(self.freeze_schedule, str):
+            self.freeze_schedule = json.loads(self.freeze_schedule)
+        super().__post_init__()
+
+        def fail(name, value, fix):
+            raise ValueError(f"MRLConfig.{name}={value!r} is invalid: {fix}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.beta != 0.0:
+            fail("beta", self.beta, "MRL uses kl_coef / kl_reference for its KL term; keep beta=0.0.")
+        if self.use_vllm:
+            fail("use_vllm", self.use_vllm, "RxT generation needs the STM; vLLM is not supported, set use_vllm=False.")
+        if self.loss_type not in LOSS_TYPES:
+            fail("loss_type", self.loss_type, f"choose one of {LOSS_TYPES}.")
+        if self.remove_unused_columns:
+            fail("remove_unused_columns", True, "MRL needs the conversation columns; set it to False.")
+        steps = self.curriculum_steps
+        if not isinstance(steps, (list, tuple)) or not steps or not all(is_int(s) and s >= 1 for s in steps):
+            fail("curriculum_steps", steps, "give a non-empty list of ints >= 1, e.g. [2, 4, 8, 12, 16].")
+        self.curriculum_steps = list(steps)
+        n = len(self.curriculum_steps)
+        if self.curriculum_starts is not None:
+            starts = list(self.curriculum_starts)
+            if len(starts) != n:
+                fail("curriculum_starts", starts, f"give one start per stage ({n}).")
+            resolved = [resolve_schedule_step(s, max(self.max_steps, 0), f"curriculum_starts[{i}]")
+                        for i, s in enumerate(starts)]
+            if any(s is None for s in resolved) or starts[0] != 0 or resolved != sorted(resolved):
+                fail("curriculum_starts", starts, "the first start must be 0 and starts must not decrease.")
+            self.curriculum_starts = starts
+        if self.curriculum_strategies is not None:
+            strategies = list(self.curriculum_strategies)
+            if len(strategies) != n or any(s not in STRATEGIES for s in strategies):
+                fail("curriculum_strategies", strategies, f"give one of {STRATEGIES} per stage ({n}).")
+            self.curriculum_strategies = strategies
+        if not is_int(self.long_range_min_distance) or self.long_range_min_distance < 1:
+            fail("long_range_min_distance", self.long_range_min_distance, "it must be an int >= 1.")
+        if self.own_answers_from_stage is not None and (
+            not is_int(self.own_answers_from_stage) or not 0 <= self.own_answers_from_stage < n
+        ):
+            fail("own_answers_from_stage", self.own_answers_from_stage, f"give a stage index in [0, {n}) or None.")
+        if not isinstance(self.stm_reset_probability, (int, float)) or not 0 <= self.stm_reset_probability <= 1:
+            fail("stm_reset_probability", self.stm_reset_probability, "it must be a number in [0, 1].")
+        for name in ("stm_reset_std", "memory_reg_coef", "kl_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
+                fail(name, value, "it must be a finite number >= 0.")
+        if self.kl_reference not in KL_REFERENCES:
+            fail("kl_reference", self.kl_reference, f"choose one of {KL_REFERENCES}.")
+        if self.freeze_schedule is None:
+            self.freeze_schedule = _default_freeze()
+        if not isinstance(self.freeze_schedule, Mapping):
+            fail("freeze_schedule", self.freeze_schedule, f"give a dict like {_default_freeze()}.")
+        self.freeze_schedule = dict(self.freeze_schedule)
+        for key, value in self.freeze_schedule.items():
+            if key not in SMAT_COMPONENTS:
+                fail("freeze_schedule", self.freeze_schedule, f"unknown component {key!r}; use {SMAT_COMPONENTS}.")
+            resolve_schedule_step(value, max(self.max_steps, 0), f"freeze_schedule[{key!r}]")
+        if all(v is None for v in self.freeze_schedule.values()):
+            fail("freeze_schedule", self.freeze_schedule, "it trains nothing; give a component a start step.")
+        if not is_int(self.max_interaction_length) or self.max_interaction_length < 8:
+            fail("max_interaction_length", self.max_interaction_length, "it must be an int >= 8.")
+
+
+# ------------------------------------------------------------------------------------------------------
+# pure pieces (unit-tested)
+
+
+class MRLCurriculum:
+    """Which stage (episode length, strategy, memory answers) optimizer step ``step`` uses."""
+
+    def __init__(self, args: MRLConfig):
+        self.steps = list(args.curriculum_steps)
+        n = len(self.steps)
+        max_steps = max(int(args.max_steps), 1)
+        if args.curriculum_starts is None:
+            self.starts = [int(math.floor(i * max_steps / n)) for i in range(n)]
+        else:
+            self.starts = [resolve_schedule_step(s, max_steps) for s in args.curriculum_starts]
+        if args.curriculum_strategies is None:
+            self.strategies = ["cumulative"] + ["long-range" if i % 2 else "cumulative" for i in range(1, n)]
+        else:
+            self.strategies = list(args.curriculum_strategies)
+        self.own_answers_from_stage = args.own_answers_from_stage
+
+    def stage(self, step: int) -> int:
+        index = 0
+        for i, start in enumerate(self.starts):
+            if step >= start:
+                index = i
+        return index
+
+    def num_steps(self, step: int) -> int:
+        return self.steps[self.stage(step)]
+
+    def strategy(self, step: int) -> str:
+        return self.strategies[self.stage(step)]
+
+    def own_answers(self, step: int) -> bool:
+        return self.own_answers_from_stage is not None and self.stage(step) >= self.own_answers_from_stage
+
+
+def rewarded_turns(distances: Sequence[int], strategy: str, min_distance: int = 2) -> list[int]:
+    """Turn indices (1-based follow-ups; turn 0 is memory-only) an episode rewards.
+
+    ``distances[t]`` is the recall distance of turn ``t`` (0: not a recall question; ``distances[0]`` is 0).
+    """
+    follow = list(range(1, len(distances)))
+    if strategy == "cumulative":
+        return follow
+    if strategy == "long-range":
+        picked = [t for t in follow if distances[t] >= min_distance]
+        return picked or follow[-1:]
+    raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGIES}.")
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
+    """GRPO's group baseline as in TRL 1.16 (``sum_then_normalize``): ``(r - mean_group) / (std_group + 1e-4)``.
+
+    ``rewards`` ``[M]`` holds consecutive groups of ``num_generations``; NaN rewards are left out of the
+    statistics and get advantage 0. ``scale_rewards``: "group" (std per group), "batch" (std of the whole
+    batch) or "none" (no division).
+    """
+    grouped = rewards.view(-1, num_generations)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
+    if scale_rewards == "group":
+        std = nanstd(grouped, dim=1).repeat_interleave(num_generations)
+    elif scale_rewards == "batch":
+        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    elif scale_rewards == "none":
+        std = None
+    else:
+        raise ValueError(f"scale_rewards={scale_rewards!r}: choose 'group', 'batch' or 'none'.")
+    advantages = rewards - mean
+    if std is not None:
+        advantages = advantages / (std + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def impo_loss(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    ref_per_token_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    stm_mse: torch.Tensor | None = None,
+    memory_reg_coef: float = 0.0,
+    loss_type: str = "grpo",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The IMPO objective on ``M`` sampled answers of ``L`` tokens.
+
+    ``ratio = exp(logp - old_logp)``; ``per_token = -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+    + kl_coef * (exp(ref - logp) - (ref - logp) - 1)`` (TRL's clipped surrogate and k3 KL estimator);
+    aggregated over the ``mask`` by ``loss_type`` ("grpo": mean over each answer's tokens, then over answers;
+    "bnpo"/"dapo": mean over all tokens); plus ``memory_reg_coef * stm_mse`` (mean squared difference between
+    consecutive STMs). Returns ``(loss, stats)`` with ``policy_loss``, ``kl``, ``clip_fraction``,
+    ``memory_loss`` (detached).
+
+    Shapes: ``per_token_logps``, ``old_per_token_logps``, ``ref_per_token_logps``, ``mask`` ``[M, L]``;
+    ``advantages`` ``[M]``.
+    """
+    mask = mask.to(per_token_logps.dtype)
+    adv = advantages.unsqueeze(1)  # [M, 1]
+    ratio = torch.exp(per_token_logps - old_per_token_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if ref_per_token_logps is not None and kl_coef != 0.0:
+        delta = ref_per_token_logps - per_token_logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + kl_coef * kl
+
+    def aggregate(x):
+        if loss_type == "grpo":
+            return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        if loss_type in ("bnpo", "dapo"):
+            return (x * mask).sum() / mask.sum().clamp(min=1.0)
+        raise ValueError(f"loss_type={loss_type!r}: choose one of {LOSS_TYPES}.")
+
+    loss = aggregate(per_token)
+    memory_loss = stm_mse if stm_mse is not None else per_token_logps.new_zeros(())
+    if stm_mse is not None and memory_reg_coef != 0.0:
+        loss = loss + memory_reg_coef * stm_mse
+    is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    tokens = mask.sum().clamp(min=1.0)
+    stats = {
+        "policy_loss": aggregate(-torch.min(ratio * adv, clipped * adv)).detach(),
+        "kl": ((kl * mask).sum() / tokens).detach() if kl is not None else per_token.new_zeros(()),
+        "clip_fraction": ((is_clipped.to(mask.dtype) * mask).sum() / tokens).detach(),
+        "memory_loss": memory_loss.detach(),
+    }
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------------
+# trainer
+
+
+def _pad(seqs: list[list[int]], pad: int, left: bool = False, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max([len(s) for s in seqs] + [1]) if length is None else length
+    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        if left:
+            ids[i, length - len(s):] = torch.tensor(s)
+            mask[i, length - len(s):] = 1
+        else:
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+    return ids, mask
+
+
+class MRLTrainer(GRPOTrainer):
+    """Memory Reinforcement Learning (stage 5) with IMPO, as a ``trl.GRPOTrainer`` over conversations.
+
+    ``train_dataset`` holds multi-turn rows (``query``, ``answer``, ``interactions: [{query, answer}]``,
+    optional ``recall_distance`` per follow-up and ``conversation_id``), e.g. from
+    ``build_synthetic_dataset("multi-turn", ...)``. ``reward_funcs`` are TRL reward functions; they receive
+    the columns ``answer`` (reference text), ``reference_ids``, ``memory`` / ``memory_ids`` (the remembered
+    interaction a recall question refers to, else ``None``), ``recall_distance``, ``turn`` and ``query``.
+    Default: ``[reference_bleu_reward, memory_bleu_reward, length_reward]``. See the module docstring for the
+    episode, the loss and the overridden TRL 1.16.0 private methods.
+
+    Example:
+
+    ```python
+    >>> import tempfile, torch
+    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from modeling_rxt.tokenization_rxt import build_tokenizer
+    >>> from trainers.synthetic_data import build_synthetic_dataset
+    >>> from trainers.mrl_trainer import MRLConfig, MRLTrainer
+    >>> data = build_synthetic_dataset("multi-turn", num_conversations=16, num_turns=4, max_recall_distance=2,
+    ...                                seed=0)["train"]
+    >>> tokenizer = build_tokenizer([r["query"] + " " + r["answer"] for r in data], vocab_size=300,
+    ...                             min_frequency=1, model_max_length=64)
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = RxTForCausalLM(RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer)))
+    >>> args = MRLConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4,
+    ...                  num_generations=2, max_completion_length=6, curriculum_steps=[1, 3],
+    ...                  use_cpu=True, disable_tqdm=True, save_strategy="no")
+    >>> trainer = MRLTrainer(model, args=args, train_dataset=data, processing_class=tokenizer)
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints each log record
+    ...     _ = trainer.train()
+    >>> trainer.curriculum.num_steps(0), trainer.curriculum.num_steps(1)
+    (1, 3)
+    >>> sorted(k for k in trainer.state.log_history[0] if k in ("kl", "stm_change", "clip_fraction"))
+    ['clip_fraction', 'kl', 'stm_change']
+
+    ```
+    """
+
+    _tag_names = ["trl", "grpo", "rxt", "mrl"]
+    _name = "MRL"
+
+    def __init__(self, model, reward_funcs=None, args: MRLConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, **kwargs):
+        if not isinstance(args, MRLConfig):
+            raise TypeError(f"args must be an MRLConfig, got {type(args).__name__}; build one with "
+                            "MRLConfig(output_dir=...).")
+        if isinstance(model, str):
+            raise TypeError("MRLTrainer needs an instantiated RxTForCausalLM (load it with from_pretrained first).")
+        if processing_class is None:
+            raise ValueError("MRLTrainer needs processing_class=<the RxT tokenizer>.")
+        if train_dataset is None:
+            raise ValueError("MRLTrainer needs a multi-turn train_dataset (query, answer, interactions).")
+        missing = [c for c in ("query", "answer", "interactions") if c not in train_dataset.column_names]
+        if missing:
+            raise ValueError(f"train_dataset lacks the multi-turn columns {missing}; build it with "
+                             "build_synthetic_dataset('multi-turn', ...) or load_rxt_dataset(..., kind='multi-turn').")
+        if reward_funcs is None:
+            reward_funcs = [reference_bleu_reward, memory_bleu_reward, length_reward]
+        from peft import PeftModel  # noqa: PLC0415 (import only when needed)
+
+        self._is_peft = isinstance(model, PeftModel) or kwargs.get("peft_config") is not None
+        if not self._is_peft:
+            # Every parameter trainable while the optimizer is built; the schedule freezes per step.
+            for param in model.parameters():
+                param.requires_grad_(True)
+        # The KL reference: a copy taken before TRL patches the model's forward.
+        self._kl_model = None
+        if args.kl_coef > 0:
+            self._kl_model = copy.deepcopy(model).eval()
+            for param in self._kl_model.parameters():
+                param.requires_grad_(False)
+        self.curriculum = MRLCurriculum(args)
+        self._ids = special_ids(processing_class)
+        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, **kwargs)
+        if self._kl_model is not None:
+            self._kl_model.to(self.accelerator.device)
+        self._reset_generator = torch.Generator().manual_seed(int(args.seed) + 17)
+        self.freeze_steps = {
+            name: resolve_schedule_step(args.freeze_schedule.get(name), max(args.max_steps, 1))
+            for name in SMAT_COMPONENTS
+        }
+
+    # --- freezing ------------------------------------------------------------------------------------
+
+    def component_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Parameters per schedulable component (the LM head goes with the decoder unless tied)."""
+        model = self.accelerator.unwrap_model(self.model)
+        backbone = model.model
+        embedding = list(backbone.embed_tokens.parameters())
+        shared = {id(p) for p in embedding}
+        head = [p for p in model.get_output_embeddings().parameters() if id(p) not in shared]
+        return {
+            "decoder": [p for p in backbone.decoder.parameters() if id(p) not in shared] + head,
+            "memory_attention": [p for p in backbone.memory_attention.parameters() if id(p) not in shared],
+            "encoder": [p for p in backbone.encoder.parameters() if id(p) not in shared],
+            "embedding": embedding,
+        }
+
+    def trainable_components(self, step: int) -> list[str]:
+        return [n for n in SMAT_COMPONENTS if self.freeze_steps[n] is not None and step >= self.freeze_steps[n]]
+
+    def apply_freeze(self, step: int) -> list[str]:
+        """Set ``requires_grad`` for optimizer step ``step`` (no-op for PEFT models); returns trainable parts."""
+        if self._is_peft:
+            return []
+        active = self.trainable_components(step)
+        for name, params in self.component_parameters().items():
+            for param in params:
+                param.requires_grad_(name in active)
+        return active
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.apply_freeze(self.state.global_step)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    # --- episodes ------------------------------------------------------------------------------------
+
+    def _episode_rows(self, row: dict, num_steps: int) -> list[dict]:
+        turns = [{"query": row["query"], "answer": row["answer"]}, *list(row["interactions"] or [])]
+        dist = [0, *list(row.get("recall_distance") or [0] * (len(turns) - 1))]
+        for t, d in enumerate(dist):
+            turns[t]["distance"] = int(d or 0)
+        return turns[: num_steps + 1]
+
+    def _initial_stm(self, model, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[R, L, S, D]`` initial STM and ``[R]`` reset flags (one draw per conversation group)."""
+        G = self.num_generations
+        stm = model.init_memory(groups * G).detach()
+        draw = torch.rand(groups, generator=self._reset_generator) < self.args.stm_reset_probability
+        reset = draw.repeat_interleave(G).to(stm.device)
+        if reset.any():
+            shape = (groups, *stm.shape[1:])  # one random state per conversation, shared by its G rollouts
+            noise = torch.randn(shape, generator=self._reset_generator).to(stm) * self.args.stm_reset_std
+            noise = noise.repeat_interleave(G, dim=0)
+            stm = torch.where(reset.view(-1, *[1] * (stm.dim() - 1)), noise, stm)
+        return stm, reset
+
+    @torch.no_grad()
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Override of GRPOTrainer 1.16.0's private method: roll out whole conversations (see module doc)."""
+        device = self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        step = self.state.global_step
+        num_steps = self.curriculum.num_steps(step)
+        strategy = self.curriculum.strategy(step)
+        own = self.curriculum.own_answers(step)
+        R = len(inputs)
+        if R % G:
+            raise ValueError(f"the batch has {R} rows, not a multiple of num_generations={G}.")
+        tok = self.processing_class
+        ids = self._ids
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        limit = getattr(unwrapped.config, "max_position_embeddings", None) or self.args.max_interaction_length
+        max_len = min(self.args.max_interaction_length, int(limit))
+        if max_len - self.max_completion_length < 4:
+            raise ValueError(f"max_completion_length={self.max_completion_length} leaves no room for a query in "
+                             f"{max_len}-token interactions; lower it or raise max_interaction_length.")
+
+        episodes = [self._episode_rows(row, num_steps) for row in inputs]
+        for g in range(0, R, G):  # the repeat sampler puts the G copies of a conversation next to each other
+            key = [(inputs[g + i].get("conversation_id"), inputs[g + i]["query"]) for i in range(G)]
+            if any(k != key[0] for k in key):
+                raise ValueError("rows of a generation group differ; MRLTrainer needs GRPO's RepeatSampler order.")
+        N = max(len(e) for e in episodes)
+        scored_turns = [rewarded_turns([t["distance"] for t in e], strategy, self.args.long_range_min_distance)
+                        for e in episodes]
+        # tokenised queries / reference answers
+        flat = [(r, t) for r, e in enumerate(episodes) for t in range(len(e))]
+        texts = [episodes[r][t]["query"] for r, t in flat] + [episodes[r][t]["answer"] for r, t in flat]
+        enc = _encode_texts(tok, texts)
+        q_ids = {rt: enc[i] for i, rt in enumerate(flat)}
+        a_ids = {rt: enc[len(flat) + i] for i, rt in enumerate(flat)}
+
+        stm, reset = self._initial_stm(unwrapped, R // G)
+        initial_stm = stm.clone()
+        completions: dict[tuple[int, int], list[int]] = {}
+        mem_seqs: dict[tuple[int, int], list[int]] = {}
+        prompts_tok: dict[tuple[int, int], list[int]] = {}
+        gen_kwargs = dict(do_sample=True, max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                          top_p=self.top_p, top_k=self.top_k or None, pad_token_id=ids["pad"],
+                          eos_token_id=ids["eos"])
+        was_training = unwrapped.training
+        for t in range(N):
+            rows = [r for r in range(R) if t in scored_turns[r]]
+            if rows:
+                prompt = []
+                for r in rows:
+                    full, _, qlen = _frame(q_ids[r, t], [], max_len - self.max_completion_length, ids)
+                    prompt.append(full[:qlen])  # [BOS][Q] query [A]
+                    prompts_tok[r, t] = full[:qlen]
+                p_ids, p_mask = _pad(prompt, ids["pad"], left=True)
+                p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+                out = unwrapped.generate(p_ids, attention_mask=p_mask, stm_state=stm[rows], **gen_kwargs)
+                new = out[:, p_ids.shape[1]:].tolist()
+                for r, seq in zip(rows, new):
+                    if ids["eos"] in seq:
+                        seq = seq[: seq.index(ids["eos"]) + 1]
+                    else:
+                        seq = [s for s in seq if s != ids["pad"]]
+                    completions[r, t] = seq
+            present = [r for r in range(R) if t < len(episodes[r])]
+            for r in present:
+                answer = a_ids[r, t]
+                if own and (r, t) in completions:
+                    answer = [s for s in completions[r, t] if s not in (ids["eos"], ids["pad"])]
+                mem_seqs[r, t] = _frame(q_ids[r, t], answer, max_len, ids)[0]
+            if t < N - 1:
+                m_ids, m_mask = _pad([mem_seqs.get((r, t), []) for r in range(R)], ids["pad"])
+                m_ids, m_mask = m_ids.to(device), m_mask.to(device)
+                new_stm = unwrapped.update_memory(stm, m_ids, m_mask)
+                keep = torch.tensor([t < len(e) for e in episodes], device=device).view(-1, *[1] * (stm.dim() - 1))
+                stm = torch.where(keep, new_stm, stm)
+        unwrapped.train(was_training)
+
+        # per-turn tensors [R, N, ...]
+        turn_present = torch.tensor([[t < len(e) for t in range(N)] for e in episodes], dtype=torch.bool)
+        scored = torch.tensor([[t in s for t in range(N)] for s in scored_turns], dtype=torch.bool)
+        Tm = max(len(s) for s in mem_seqs.values())
+        mem_ids = torch.full((R, N, Tm), ids["pad"], dtype=torch.long)
+        mem_mask = torch.zeros((R, N, Tm), dtype=torch.long)
+        for (r, t), s in mem_seqs.items():
+            mem_ids[r, t, : len(s)] = torch.tensor(s)
+            mem_mask[r, t, : len(s)] = 1
+        L = max([len(prompts_tok[k]) + len(completions[k]) for k in completions] + [2])
+        seq_ids = torch.full((R, N, L), ids["pad"], dtype=torch.long)
+        seq_mask = torch.zeros((R, N, L), dtype=torch.long)
+        completion_mask = torch.zeros((R, N, L), dtype=torch.long)
+        for (r, t), c in completions.items():
+            p = prompts_tok[r, t]
+            seq_ids[r, t, : len(p) + len(c)] = torch.tensor(p + c)
+            seq_mask[r, t, : len(p) + len(c)] = 1
+            completion_mask[r, t, len(p): len(p) + len(c)] = 1
+
+        # rewards, in (turn, row) order so that the G rollouts of a conversation at a turn are consecutive
+        order = [(r, t) for t in range(N) for r in range(R) if scored[r, t]]
+        reward_inputs, prompts, texts_out, comp_ids = [], [], [], []
+        for r, t in order:
+            turn = episodes[r][t]
+            d = turn["distance"]
+            remembered = episodes[r][t - d] if 0 < d <= t else None
+            mem_tokens = (q_ids[r, t - d] + a_ids[r, t - d]) if remembered is not None else None
+            reward_inputs.append({
+                "query": turn["query"], "answer": turn["answer"], "reference_ids": a_ids[r, t],
+                "memory": (remembered["query"] + " " + remembered["answer"]) if remembered else None,
+                "memory_ids": mem_tokens, "recall_distance": d, "turn": t,
+            })
+            prompts.append(turn["query"])
+            clean = [s for s in completions[r, t] if s not in (ids["eos"], ids["pad"])]
+            comp_ids.append(clean)
+            texts_out.append(tok.decode(clean, skip_special_tokens=True))
+        rewards_per_func = self._calculate_rewards(reward_inputs, prompts, texts_out, comp_ids)
+        weights = self.reward_weights.to(rewards_per_func.device)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        adv_flat = group_advantages(rewards, G, self.scale_rewards)
+        advantages = torch.zeros((R, N), dtype=torch.float32)
+        for (r, t), a in zip(order, adv_flat.tolist()):
+            advantages[r, t] = a
+
+        # metrics (TRL's names for the reward statistics)
+        metrics = self._metrics[mode]
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
+        metrics["reward"].append(torch.nanmean(rewards).item())
+        metrics["reward_std"].append(nanstd(rewards).item())
+        grouped_std = nanstd(rewards.view(-1, G), dim=1)
+        metrics["frac_reward_zero_std"].append(torch.isclose(grouped_std, torch.zeros_like(grouped_std)).float()
+                                               .mean().item())
+        metrics["answer_length"].append(sum(len(c) for c in comp_ids) / max(len(comp_ids), 1))
+        metrics["curriculum/steps"].append(float(num_steps))
+        metrics["curriculum/stage"].append(float(self.curriculum.stage(step)))
+        metrics["stm_reset"].append(reset.float().mean().item())
+        for name, values in self._pending_metrics.items():
+            if values:
+                metrics[name].append(sum(values) / len(values))
+        self._pending_metrics.clear()
+        self._pending_extra_logs.clear()
+        self._logs["prompt"].extend(prompts)
+        self._logs["completion"].extend(texts_out)
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
+        self._logs["advantages"].extend(adv_flat.tolist())
+
+        batch = {
+            "initial_stm": initial_stm,
+            "mem_ids": mem_ids.to(device), "mem_mask": mem_mask.to(device),
+            "turn_present": turn_present.to(device), "scored": scored.to(device),
+            "seq_ids": seq_ids.to(device), "seq_mask": seq_mask.to(device),
+            "completion_mask": completion_mask.to(device),
+            "advantages": advantages.to(device),
+        }
+        if self.num_iterations > 1:
+            batch["old_per_token_logps"] = self._episode_logps(unwrapped, batch)[0].detach()
+        if self._kl_model is not None and self.args.kl_coef > 0:
+            batch["ref_per_token_logps"] = self._episode_logps(self._kl_model, batch)[0].detach()
+            if self.args.kl_reference == "previous" and mode == "train":
+                self._kl_model.load_state_dict(unwrapped.state_dict())
+        return batch
+
+    def _episode_logps(self, model, inputs: dict[str, torch.Tensor], forward_model=None):
+        """Re-play the episodes: ``(per_token_logps [R, N, L], entropies [R, N, L], stm_mse)``.
+
+        ``per_token_logps[r, t, j]`` is ``log p(seq[j] | seq[<j], STM_t)`` (position 0 is 0); ``STM_t`` is built
+        from the initial STM and the stored interactions of turns ``< t`` with the model's own encoder and memory
+        attention, with gradients when grad mode is on. ``stm_mse`` is the mean over memory updates of the mean
+        squared STM difference. ``forward_model`` (default ``model``) runs the decoder (the prepared wrapper).
+        """
+        forward_model = forward_model or model
+        stm = inputs["initial_stm"]
+        seq_ids, seq_mask = inputs["seq_ids"], inputs["seq_mask"]
+        scored, present = inputs["scored"], inputs["turn_present"]
+        R, N, L = seq_ids.shape
+        logps = seq_ids.new_zeros((R, N, L), dtype=torch.float32)
+        entropies = seq_ids.new_zeros((R, N, L), dtype=torch.float32)
+        logp_rows, ent_rows, index = [], [], []
+        mse_terms = []
+        last = int(scored.any(0).nonzero().max()) if scored.any() else -1
+        for t in range(last + 1):
+            rows = scored[:, t].nonzero().squeeze(1)
+            if rows.numel():
+                out = forward_model(input_ids=seq_ids[rows, t], attention_mask=seq_mask[rows, t], stm_state=stm[rows])
+                logits = out.logits[:, :-1].float() / self.temperature
+                logp_all = logits.log_softmax(-1)
+                lp = logp_all.gather(-1, seq_ids[rows, t, 1:].unsqueeze(-1)).squeeze(-1)  # [n, L-1]
+                ent = -(logp_all.exp() * logp_all).sum(-1)
+                logp_rows.append(F.pad(lp, (1, 0)))
+                ent_rows.append(F.pad(ent, (1, 0)))
+                index.append((rows, t))
+            if t < last:
+                keep = present[:, t]
+                new = model.update_memory(stm, inputs["mem_ids"][:, t], inputs["mem_mask"][:, t])
+                if keep.any():
+                    mse_terms.append(((new - stm) ** 2)[keep].mean())
+                stm = torch.where(keep.view(-1, *[1] * (stm.dim() - 1)), new, stm)
+        for (rows, t), lp, ent in zip(index, logp_rows, ent_rows):
+            logps = logps.index_put((rows, torch.full_like(rows, t)), lp)
+            entropies = entropies.index_put((rows, torch.full_like(rows, t)), ent.detach())
+        stm_mse = torch.stack(mse_terms).mean() if mse_terms else logps.new_zeros(())
+        return logps, entropies, stm_mse
+
+    def _compute_loss(self, model, inputs):
+        """Override of GRPOTrainer 1.16.0's private method: the IMPO loss on re-played episodes."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        logps, entropies, stm_mse = self._episode_logps(unwrapped, inputs, forward_model=model)
+        scored = inputs["scored"]
+        pick = scored.nonzero(as_tuple=True)  # (rows, turns) of the sampled answers
+        lp = logps[pick]  # [M, L]
+        mask = inputs["completion_mask"][pick]
+        old = inputs.get("old_per_token_logps")
+        old = lp.detach() if old is None else old[pick]
+        ref = inputs.get("ref_per_token_logps")
+        ref = None if ref is None else ref[pick]
+        loss, stats = impo_loss(
+            lp, old, inputs["advantages"][pick], mask,
+            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            ref_per_token_logps=ref, kl_coef=self.args.kl_coef,
+            stm_mse=stm_mse, memory_reg_coef=self.args.memory_reg_coef, loss_type=self.loss_type,
+        )
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        for key in ("policy_loss", "kl", "clip_fraction", "memory_loss"):
+            metrics[key].append(stats[key].item())
+        metrics["stm_change"].append(float(stm_mse.detach()))
+        ent_mask = mask.float()
+        metrics["entropy"].append(((entropies[pick] * ent_mask).sum() / ent_mask.sum().clamp(min=1)).item())
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        normalizer = accumulation if mode == "train" else 1.0
+        return loss / normalizer
