@@ -112,9 +112,12 @@ def stage_folder(output_dir: Path, recipe: Recipe, stage: StageSpec) -> Path:
 def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Path, resume: bool) -> Path:
     folder = stage_folder(output_dir, recipe, stage)
     data = recipe.stage_data(stage)
-    args = stage.build_config(
-        output_dir=str(folder), seed=recipe.seed, resume_from_checkpoint="latest" if resume else None
-    )
+    if stage.trainer == "mrl":  # a TRL trainer: resumes through train(resume_from_checkpoint=True)
+        args = stage.build_config(output_dir=str(folder), seed=recipe.seed)
+    else:
+        args = stage.build_config(
+            output_dir=str(folder), seed=recipe.seed, resume_from_checkpoint="latest" if resume else None
+        )
     turn_counts = data.get("turn_datasets")
     if turn_counts:
         splits = {n: load_stage_dataset(recipe.seed, data, stage.data_kind, num_turns=n) for n in turn_counts}
@@ -123,6 +126,14 @@ def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Pa
     else:
         split = load_stage_dataset(recipe.seed, data, stage.data_kind)
         train, evaluation = split["train"], split.get("validation")
+    log(f"stage {stage.name} ({stage.trainer}): {args.max_steps} steps -> {folder}")
+    if stage.trainer == "mrl":
+        trainer = stage.trainer_class(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        has_checkpoint = resume and any(folder.glob("checkpoint-*"))
+        metrics = trainer.train(resume_from_checkpoint=True if has_checkpoint else None).metrics
+        trainer.save_model(str(folder))
+        tokenizer.save_pretrained(folder)
+        return folder
     trainer = stage.trainer_class(
         model=model,
         args=args,
@@ -131,7 +142,6 @@ def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Pa
         tokenizer=tokenizer,
         data_collator=collator_for(stage, data, tokenizer, args.max_length),
     )
-    log(f"stage {stage.name} ({stage.trainer}): {args.max_steps} steps -> {folder}")
     metrics = trainer.train()
     log(f"stage {stage.name} done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     trainer.save_model(str(folder))

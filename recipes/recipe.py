@@ -33,16 +33,21 @@ from typing import Any
 
 import yaml
 
-from trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
-from trainers.memory_attention_trainer import MemoryAttentionConfig, MemoryAttentionTrainer
-from trainers.smat_trainer import SMATConfig, SMATTrainer
+import importlib
 
-# trainer name -> (config class, trainer class)
+# trainer name -> (module, config class, trainer class); imported on use (the MRL stage pulls in TRL)
 STAGE_TRAINERS = {
-    "joint-lm": (JointLMConfig, JointLMTrainer),
-    "memory-attention": (MemoryAttentionConfig, MemoryAttentionTrainer),
-    "smat": (SMATConfig, SMATTrainer),
+    "joint-lm": ("trainers.joint_lm_trainer", "JointLMConfig", "JointLMTrainer"),
+    "memory-attention": ("trainers.memory_attention_trainer", "MemoryAttentionConfig", "MemoryAttentionTrainer"),
+    "smat": ("trainers.smat_trainer", "SMATConfig", "SMATTrainer"),
+    "mrl": ("trainers.mrl_trainer", "MRLConfig", "MRLTrainer"),
 }
+
+
+def stage_classes(trainer: str) -> tuple[type, type]:
+    module, config_name, trainer_name = STAGE_TRAINERS[trainer]
+    module = importlib.import_module(module)
+    return getattr(module, config_name), getattr(module, trainer_name)
 DATA_KEYS = {
     "source",
     "column_mapping",
@@ -74,11 +79,11 @@ class StageSpec:
 
     @property
     def config_class(self):
-        return STAGE_TRAINERS[self.trainer][0]
+        return stage_classes(self.trainer)[0]
 
     @property
     def trainer_class(self):
-        return STAGE_TRAINERS[self.trainer][1]
+        return stage_classes(self.trainer)[1]
 
     @property
     def data_kind(self) -> str:

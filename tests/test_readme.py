@@ -13,3 +13,16 @@ EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 def test_readme_example_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(EXAMPLES[index], f"README example {index}", "exec"), {})
+
+
+def test_readme_results_table_is_the_one_the_default_run_wrote():
+    """The README shows the default recipe's evaluation exactly as `rxt train` rendered it."""
+    import json
+
+    from trainers.evaluation import format_evaluation_table
+
+    result_file = README.parent / "benchmarks" / "results" / "default-recipe-evaluation.json"
+    if not result_file.exists():
+        pytest.skip("no recorded default-recipe run")
+    table = format_evaluation_table(json.loads(result_file.read_text()))
+    assert table in README.read_text()

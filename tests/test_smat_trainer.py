@@ -105,17 +105,22 @@ def test_loss_weights_of_one_change_nothing(tiny_tokenizer, tmp_path):
 
 
 def test_unfreeze_schedule_switches_the_right_parameters(tiny_tokenizer, tmp_path):
-    schedule = {"decoder": 0, "memory_attention": 2, "encoder": 0.5, "embedding": None}
+    schedule = {"decoder": 0, "memory_cross_attention": 1, "memory_attention": 2, "encoder": 0.5, "embedding": None}
     trainer = make_trainer(tiny_tokenizer, tmp_path, dataset(4), max_steps=6, unfreeze_schedule=schedule)
     model = trainer.model
     parts = trainer.component_parameters()
-    assert trainer.unfreeze_steps == {"decoder": 0, "memory_attention": 2, "encoder": 3, "embedding": None}
+    assert trainer.unfreeze_steps == {
+        "decoder": 0, "memory_cross_attention": 1, "memory_attention": 2, "encoder": 3, "embedding": None
+    }
+    assert any(p is model.model.decoder.layers[0].memory_cross_attn.q_proj.weight for p in parts["memory_cross_attention"])
     # every parameter belongs to exactly one component; the LM head goes with the decoder
     ids = [id(p) for params in parts.values() for p in params]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     assert any(p is model.lm_head.weight for p in parts["decoder"])
-    expected = {0: {"decoder"}, 1: {"decoder"}, 2: {"decoder", "memory_attention"},
-                3: {"decoder", "memory_attention", "encoder"}, 5: {"decoder", "memory_attention", "encoder"}}
+    reading = "memory_cross_attention"
+    expected = {0: {"decoder"}, 1: {"decoder", reading}, 2: {"decoder", reading, "memory_attention"},
+                3: {"decoder", reading, "memory_attention", "encoder"},
+                5: {"decoder", reading, "memory_attention", "encoder"}}
     for step, active in expected.items():
         trainer.on_step_begin(step)
         for name, params in parts.items():

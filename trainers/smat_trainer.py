@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-SMAT_COMPONENTS = ("decoder", "memory_attention", "encoder", "embedding")
+SMAT_COMPONENTS = ("decoder", "memory_cross_attention", "memory_attention", "encoder", "embedding")
 
 
 def resolve_schedule_step(value: int | float | None, max_steps: int, name: str = "step") -> int | None:
@@ -254,7 +254,7 @@ def _truncate_turns(batch: dict[str, Any], num_turns: int) -> dict[str, Any]:
 
 
 def _default_unfreeze() -> dict[str, int | float | None]:
-    return {"decoder": 0, "memory_attention": 0, "encoder": 0, "embedding": 0}
+    return {"decoder": 0, "memory_cross_attention": 0, "memory_attention": 0, "encoder": 0, "embedding": 0}
 
 
 @dataclass
@@ -264,8 +264,10 @@ class SMATConfig(RxTTrainingConfig):
     unfreeze_schedule: dict[str, int | float | None] = field(
         default_factory=_default_unfreeze,
         metadata={"help": "Component -> optimizer step (int) or fraction of max_steps (float in [0, 1)) from which "
-                          "it is trained; components: decoder (with lm_head), memory_attention, encoder, "
-                          "embedding (shared). A component that is missing or None stays frozen."},
+                          "it is trained; components: decoder (with lm_head; without its memory cross-attention), "
+                          "memory_cross_attention (the decoder's memory cross-attention and memory norms), "
+                          "memory_attention, encoder, embedding (shared). A component that is missing or None stays "
+                          "frozen."},
     )
     turn_curriculum: list[tuple[int | float, int]] | None = field(
         default=None,
@@ -421,8 +423,16 @@ class SMATTrainer(RxTTrainer):
         embedding = list(backbone.embed_tokens.parameters())
         shared = {id(p) for p in embedding}
         head = [p for p in model.get_output_embeddings().parameters() if id(p) not in shared]
+        reading = [
+            p
+            for layer in backbone.decoder.layers
+            for module in (layer.memory_cross_attn, layer.memory_norm, layer.cross_attn_norm)
+            for p in module.parameters()
+        ]
+        reading_ids = shared | {id(p) for p in reading}
         return {
-            "decoder": [p for p in backbone.decoder.parameters() if id(p) not in shared] + head,
+            "decoder": [p for p in backbone.decoder.parameters() if id(p) not in reading_ids] + head,
+            "memory_cross_attention": reading,
             "memory_attention": [p for p in backbone.memory_attention.parameters() if id(p) not in shared],
             "encoder": [p for p in backbone.encoder.parameters() if id(p) not in shared],
             "embedding": embedding,
