@@ -365,10 +365,6 @@ class SMATTrainer(RxTTrainer):
     stage_name = "smat"
 
     def __init__(self, model, args, train_dataset, eval_dataset=None, tokenizer=None, data_collator=None):
-        if not isinstance(args, SMATConfig):
-            raise TypeError(
-                f"args must be an SMATConfig, got {type(args).__name__}; build one with SMATConfig(output_dir=...)."
-            )
         if data_collator is None:
             raise ValueError(
                 "SMATTrainer needs data_collator=ConversationCollator(tokenizer, max_length=...) (multi-turn batches)."
