@@ -155,6 +155,8 @@ class RxTConfig(PreTrainedConfig):
     residual_gate_activation: str = "sigmoid"
     residual_gate_granularity: str = "slot"
     residual_gate_init_bias: float = -1.0
+    # keep the template tokens ([BOS] [EOS] [PAD] [Q] [A] [T]), identical in every interaction, out of memory writes
+    memory_ignores_template_tokens: bool = False
 
     # special tokens (ids of the project's tokenizer: [BOS] [EOS] [PAD] [UNK] [MASK] [Q] [A] [T])
     bos_token_id: int | None = 0

@@ -740,7 +740,22 @@ class RxTModel(RxTPreTrainedModel):
         batch = input_ids.shape[0]
         stm_state = self.init_memory(batch) if stm_state is None else self.check_stm_state(stm_state, batch)
         encoded = self.encode(input_ids, attention_mask).layer_states
-        return self.memory_attention(stm_state, encoded, attention_mask)
+        return self.memory_attention(stm_state, encoded, self.memory_write_mask(input_ids, attention_mask))
+
+    def memory_write_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Which encoded positions memory attention may read: not padding, and with
+        `config.memory_ignores_template_tokens` not the template tokens shared by every interaction."""
+        if not self.config.memory_ignores_template_tokens:
+            return attention_mask
+        config = self.config
+        template = [
+            config.bos_token_id, config.eos_token_id, config.pad_token_id,
+            config.query_token_id, config.answer_token_id, config.think_token_id,
+        ]
+        template = torch.tensor([t for t in template if t is not None], device=input_ids.device)
+        content = ~torch.isin(input_ids, template)
+        mask = content if attention_mask is None else content & attention_mask.bool()
+        return mask.long()
 
     # --- decoding -----------------------------------------------------------------------------------
 

@@ -381,3 +381,20 @@ def test_remote_code_round_trip_in_a_fresh_process(tmp_path, auto_name):
         out = model(ids, stm_state=stm) if auto_name == "AutoModelForCausalLM" else model.model(ids, stm_state=stm)
     expected = out.logits if auto_name == "AutoModelForCausalLM" else out.last_hidden_state
     assert torch.equal(loaded, expected)
+
+
+def test_memory_can_ignore_template_tokens():
+    model = tiny_model(memory_ignores_template_tokens=True)
+    config = model.config
+    content = random_ids(1, 6)
+    interaction = torch.cat(
+        [torch.tensor([[config.bos_token_id, config.query_token_id]]), content[:, :3],
+         torch.tensor([[config.answer_token_id]]), content[:, 3:], torch.tensor([[config.eos_token_id]])], dim=1
+    )
+    stm = model.init_memory(1)
+    encoded = model.model.encode(interaction).layer_states
+    template = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1, 1, 0]])
+    expected = model.model.memory_attention(stm, encoded, template)
+    torch.testing.assert_close(model.update_memory(stm, interaction), expected)
+    model.config.memory_ignores_template_tokens = False
+    assert (model.update_memory(stm, interaction) - expected).abs().max() > 1e-6
