@@ -223,7 +223,7 @@ def test_policy_gradient_reaches_memory_attention_and_encoder(tmp_path, mrl_data
 def test_freeze_schedule_memory_first(tmp_path, mrl_data, mrl_tokenizer):
     trainer = _trainer(tmp_path, mrl_data, mrl_tokenizer, max_steps=8, kl_coef=0.0)
     assert trainer.trainable_components(0) == ["memory_attention"]
-    assert set(trainer.trainable_components(2)) == {"decoder", "memory_attention", "encoder"}
+    assert set(trainer.trainable_components(2)) == {"decoder", "memory_cross_attention", "memory_attention", "encoder"}
 
 
 def test_tiny_run_logs_metrics_saves_and_resumes(tmp_path, mrl_data, mrl_tokenizer):

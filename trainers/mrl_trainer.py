@@ -84,7 +84,7 @@ from trl.trainer.utils import nanstd
 
 from .data import _encode_texts, _frame, special_ids
 from .rewards import length_reward, memory_bleu_reward, reference_bleu_reward
-from .smat_trainer import SMAT_COMPONENTS, resolve_schedule_step
+from .smat_trainer import SMAT_COMPONENTS, component_parameters, resolve_schedule_step
 
 __all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo_loss"]
 
@@ -94,7 +94,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo")
 
 
 def _default_freeze() -> dict[str, int | float | None]:
-    return {"memory_attention": 0, "encoder": 0.25, "decoder": 0.25, "embedding": None}
+    return {"memory_attention": 0, "memory_cross_attention": 0.25, "encoder": 0.25, "decoder": 0.25, "embedding": None}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -484,21 +484,12 @@ class MRLTrainer(GRPOTrainer):
     # --- freezing ------------------------------------------------------------------------------------
 
     def component_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Parameters per schedulable component (the LM head goes with the decoder unless tied)."""
-        model = self.accelerator.unwrap_model(self.model)
-        backbone = model.model
-        embedding = list(backbone.embed_tokens.parameters())
-        shared = {id(p) for p in embedding}
-        head = [p for p in model.get_output_embeddings().parameters() if id(p) not in shared]
-        return {
-            "decoder": [p for p in backbone.decoder.parameters() if id(p) not in shared] + head,
-            "memory_attention": [p for p in backbone.memory_attention.parameters() if id(p) not in shared],
-            "encoder": [p for p in backbone.encoder.parameters() if id(p) not in shared],
-            "embedding": embedding,
-        }
+        """Parameters per schedulable component (shared with the SMAT trainer)."""
+        return component_parameters(self.accelerator.unwrap_model(self.model))
 
     def trainable_components(self, step: int) -> list[str]:
-        return [n for n in SMAT_COMPONENTS if self.freeze_steps[n] is not None and step >= self.freeze_steps[n]]
+        steps = self.freeze_steps
+        return [n for n in SMAT_COMPONENTS if steps.get(n) is not None and step >= steps[n]]
 
     def apply_freeze(self, step: int) -> list[str]:
         """Set ``requires_grad`` for optimizer step ``step`` (no-op for PEFT models); returns trainable parts."""

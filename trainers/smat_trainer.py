@@ -30,6 +30,7 @@ from .trainer_base import RxTTrainer, RxTTrainingConfig
 
 __all__ = [
     "SMAT_COMPONENTS",
+    "component_parameters",
     "SMATConfig",
     "SMATTrainer",
     "TurnCurriculum",
@@ -56,6 +57,31 @@ def resolve_schedule_step(value: int | float | None, max_steps: int, name: str =
             f"{name}={value!r}: a float is a fraction of max_steps and must be in [0, 1); use an int for a step."
         )
     return int(math.floor(value * max_steps + 1e-9))
+
+
+def component_parameters(model) -> dict[str, list[torch.nn.Parameter]]:
+    """Parameters of each schedulable component of an `RxTForCausalLM` (SMAT unfreezing, MRL freezing). The LM
+    head goes with the decoder unless tied to the shared embedding (then it is the embedding); the decoder's
+    memory cross-attention and memory norms are their own component; the learned initial STM goes with memory
+    attention."""
+    backbone = model.model
+    embedding = list(backbone.embed_tokens.parameters())
+    shared = {id(p) for p in embedding}
+    head = [p for p in model.get_output_embeddings().parameters() if id(p) not in shared]
+    reading = [
+        p
+        for layer in backbone.decoder.layers
+        for module in (layer.memory_cross_attn, layer.memory_norm, layer.cross_attn_norm)
+        for p in module.parameters()
+    ]
+    reading_ids = shared | {id(p) for p in reading}
+    return {
+        "decoder": [p for p in backbone.decoder.parameters() if id(p) not in reading_ids] + head,
+        "memory_cross_attention": reading,
+        "memory_attention": [p for p in backbone.memory_attention.parameters() if id(p) not in shared],
+        "encoder": [p for p in backbone.encoder.parameters() if id(p) not in shared],
+        "embedding": embedding,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,27 +438,7 @@ class SMATTrainer(RxTTrainer):
     # --- gradual unfreezing -------------------------------------------------------------------------
 
     def component_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Parameters of each schedulable component. The LM head goes with the decoder unless it is tied to
-        the shared embedding (then it is the embedding); the learned initial STM goes with memory attention."""
-        model = self.accelerator.unwrap_model(self.model)
-        backbone = model.model
-        embedding = list(backbone.embed_tokens.parameters())
-        shared = {id(p) for p in embedding}
-        head = [p for p in model.get_output_embeddings().parameters() if id(p) not in shared]
-        reading = [
-            p
-            for layer in backbone.decoder.layers
-            for module in (layer.memory_cross_attn, layer.memory_norm, layer.cross_attn_norm)
-            for p in module.parameters()
-        ]
-        reading_ids = shared | {id(p) for p in reading}
-        return {
-            "decoder": [p for p in backbone.decoder.parameters() if id(p) not in reading_ids] + head,
-            "memory_cross_attention": reading,
-            "memory_attention": [p for p in backbone.memory_attention.parameters() if id(p) not in shared],
-            "encoder": [p for p in backbone.encoder.parameters() if id(p) not in shared],
-            "embedding": embedding,
-        }
+        return component_parameters(self.accelerator.unwrap_model(self.model))
 
     def data_description(self) -> str:
         if not self.curriculum.is_dict:
@@ -442,7 +448,8 @@ class SMATTrainer(RxTTrainer):
         return f"Multi-turn conversations, one set per turn count ({sizes} conversations); curriculum: {phases}."
 
     def trainable_components(self, step: int) -> list[str]:
-        return [n for n in SMAT_COMPONENTS if self.unfreeze_steps[n] is not None and step >= self.unfreeze_steps[n]]
+        steps = self.unfreeze_steps
+        return [n for n in SMAT_COMPONENTS if steps.get(n) is not None and step >= steps[n]]
 
     def apply_unfreeze(self, step: int) -> list[str]:
         """Set ``requires_grad`` for optimizer step ``step``; returns the trainable components."""
