@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "memory-precache": "benchmarks.memory_precache",
     "attention-variants": "benchmarks.attention_variants",
     "batched-interactions": "benchmarks.batched_interactions",
+    "quality-vs-stateless": "benchmarks.quality_vs_stateless",
 }
 
 

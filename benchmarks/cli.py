@@ -48,14 +48,33 @@ def load_results(output_dir: str | Path) -> dict[str, dict]:
     }
 
 
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> `{key: value}`; a VALUE that reads as JSON (numbers, true, null, {...}) is parsed, any
+    other is a string (a path, a name)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option {pair!r}: write KEY=VALUE, e.g. --option rxt_model=outputs/default/final.")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
 def command_bench(args: argparse.Namespace) -> int:
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    options = parse_options(getattr(args, "option", None))
+    if options and args.name == "all":
+        raise SystemExit("--option needs one benchmark NAME (options differ between benchmarks), not all.")
     payloads = {}
     for name in names:
         print(f"[bench] {name}{' (smoke)' if args.smoke else ''} ...", flush=True)
         start = time.perf_counter()
         payload = run_benchmark(
-            name, smoke=args.smoke, output_dir=args.output_dir, threads=args.threads, seed=args.seed, plot=not args.no_plot
+            name, smoke=args.smoke, output_dir=args.output_dir, threads=args.threads, seed=args.seed, plot=not args.no_plot,
+            **options,
         )
         payloads[name] = payload
         print(f"[bench] {name}: {time.perf_counter() - start:.1f}s -> {payload['path']}", flush=True)
@@ -81,6 +100,9 @@ def add_bench_command(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--output-dir", default=None, help="where to write NAME.json and plots (default: benchmarks/results/)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     bench.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    bench.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a benchmark option (repeatable; one benchmark only), e.g. "
+                       "--option rxt_model=outputs/default/final --option minutes=5 for quality-vs-stateless")
     bench.set_defaults(func=command_bench)
     return bench
 

@@ -346,3 +346,97 @@ def test_bench_command_parses_and_runs(tmp_path, capsys):
     assert "| memory-precache |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "nope"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# quality-vs-stateless
+
+
+def test_quality_vs_stateless_smoke(tmp_path):
+    payload = run_benchmark("quality-vs-stateless", smoke=True, output_dir=tmp_path, threads=1)
+    written = json.loads((tmp_path / "quality-vs-stateless.json").read_text(encoding="utf-8"))
+    assert PAYLOAD_KEYS <= set(written) and written["smoke"] is True
+    results = payload["results"]
+    assert results["mode"] == "from-scratch-smat"
+    rxt, llama = results["rxt"], results["llama"]
+    # same parameter count (within a few percent), both reported
+    assert rxt["parameters"] == payload["config"]["parameters"]["rxt"]["total"]
+    assert llama["parameters"] == payload["config"]["parameters"]["llama"]["total"]
+    assert 0.9 < llama["parameters"] / rxt["parameters"] < 1.1
+    assert payload["config"]["llama"]["hidden_size"] == payload["config"]["rxt"]["hidden_size"]
+    for record in (rxt, llama):
+        assert record["train_minutes"] > 0 and record["steps"] >= 1 and record["tokens"] > 0
+        assert record["answer_perplexity"] >= 1.0
+        assert set(record["recall_accuracy"]) == set(record["recall_count"])
+        assert all(0.0 <= v <= 1.0 for v in record["recall_accuracy"].values())
+    assert llama["budget_minutes"] == rxt["train_minutes"]  # the Llama gets the RxT's training time
+    # both models are scored on exactly the same answer tokens and the same recall turns
+    assert results["same_scored_answer_tokens"] is True
+    assert rxt["recall_count"] == llama["recall_count"]
+    assert len(payload["targets"]) == 2
+    for row in written["targets"].values():
+        assert TARGET_KEYS <= set(row) and isinstance(row["met"], bool)
+    if timing.have_matplotlib():
+        assert written["plots"] and (tmp_path / "quality-vs-stateless.png").exists()
+
+
+def test_quality_vs_stateless_llama_matches_the_rxt_parameter_count():
+    from benchmarks.quality_vs_stateless import count_llama_parameters, matched_llama_config
+    from modeling_rxt import RxTForCausalLM
+
+    config = RxTConfig.from_preset(
+        "rxt-alpha-micro", vocab_size=2000, num_hidden_layers=4, num_attention_heads=4, num_query_heads=4,
+        num_key_value_heads=4, decoder_feed_forward="dense", decoder_intermediate_size=384,
+        encoder_intermediate_size=384, stm_size=32, max_position_embeddings=128, memory_attention_variant="simple",
+    )
+    total = sum(p.numel() for p in RxTForCausalLM(config).parameters())
+    llama = matched_llama_config(config, total, max_position_embeddings=1024)
+    assert abs(count_llama_parameters(llama) - total) / total < 0.01
+    assert (llama.hidden_size, llama.num_attention_heads, llama.vocab_size) == (128, 4, 2000)
+    assert llama.max_position_embeddings == 1024 and llama.intermediate_size % 8 == 0
+
+
+def test_quality_vs_stateless_conversation_encoding(tiny_tokenizer):
+    from benchmarks.quality_vs_stateless import encode_conversation
+    from trainers.data import tokenize_interaction
+
+    row = {"query": "Ann has a red cat.", "answer": "Nice.", "interactions": [
+        {"query": "Bob lives in Oslo.", "answer": "Noted."},
+        {"query": "What colour is the cat of Ann?", "answer": "The cat of Ann is red."},
+    ], "recall_distance": [0, 2], "answer_keywords": [[], ["red"]]}
+    ids, weights = encode_conversation(tiny_tokenizer, row, 64, recall_weight=3.0)
+    parts = [tokenize_interaction(tiny_tokenizer, q, a, 64) for q, a in (
+        (row["query"], row["answer"]), *((t["query"], t["answer"]) for t in row["interactions"]))]
+    assert ids == [i for p in parts for i in p["input_ids"]]  # the interactions back to back, SMAT's framing
+    assert len(weights) == len(ids)
+    offset = 0
+    for part, weight in zip(parts, (1.0, 1.0, 3.0)):
+        n, q = len(part["input_ids"]), part["query_length"]
+        assert weights[offset:offset + q] == [0.0] * q  # [BOS][Q] query [A]: no loss
+        assert weights[offset + q:offset + n] == [weight] * (n - q)  # answer + [EOS]; recall answers weighted
+        offset += n
+
+
+def test_quality_vs_stateless_reads_a_trained_folder(tmp_path):
+    from benchmarks.quality_vs_stateless import trained_rxt_facts
+
+    folder = tmp_path / "final"
+    folder.mkdir()
+    (tmp_path / "run_summary.json").write_text(json.dumps({"train_minutes": 30.5}))
+    history = [{"stage": "joint-sft", "steps": 10, "tokens_seen": 100, "train_runtime_s": 60.0, "config": {}},
+               {"stage": "smat", "steps": 20, "tokens_seen": 300, "train_runtime_s": 120.0,
+                "config": {"learning_rate": 0.002, "per_device_batch_size": 32}}]
+    (folder / "rxt_training_history.json").write_text(json.dumps(history))
+    facts = trained_rxt_facts(folder)
+    assert facts["run_summary_train_minutes"] == 30.5
+    assert facts["stage_minutes"] == 3.0 and facts["steps"] == 30 and facts["tokens"] == 400
+    assert facts["smat_config"]["per_device_batch_size"] == 32
+
+
+def test_bench_option_parsing():
+    from benchmarks.cli import parse_options
+
+    assert parse_options(["rxt_model=outputs/default/final", "minutes=2.5", "model_overrides={\"stm_size\": 8}"]) == {
+        "rxt_model": "outputs/default/final", "minutes": 2.5, "model_overrides": {"stm_size": 8}}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_options(["minutes"])
