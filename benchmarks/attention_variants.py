@@ -136,6 +136,4 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
         )
         if written is not None:
             payload["plots"].append(str(Path(written)))
-    path = timing.write_result(NAME, payload, output_dir)
-    payload["path"] = str(path)
-    return payload
+    return timing.finish(NAME, payload, output_dir)

@@ -112,6 +112,4 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
         "decode_tokens_per_s counts tokens after the first (streamer timestamps), so prompt processing is excluded; "
         "tokens_per_s is answer tokens over the whole generate() call."
     )
-    path = timing.write_result(NAME, payload, output_dir)
-    payload["path"] = str(path)
-    return payload
+    return timing.finish(NAME, payload, output_dir)

@@ -241,9 +241,7 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
 
     if plot:
         _plots(payload, output_dir)
-    path = timing.write_result(NAME, payload, output_dir)
-    payload["path"] = str(path)
-    return payload
+    return timing.finish(NAME, payload, output_dir)
 
 
 def _plots(payload: dict, output_dir) -> None:

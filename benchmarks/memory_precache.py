@@ -108,6 +108,4 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
         ),
         "identical_tokens": timing.target("both paths generate identical tokens", identical, True, "=="),
     }
-    path = timing.write_result(NAME, payload, output_dir)
-    payload["path"] = str(path)
-    return payload
+    return timing.finish(NAME, payload, output_dir)

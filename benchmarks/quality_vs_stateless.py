@@ -770,9 +770,7 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
         )
         if plot:
             _plot(payload, output_dir)
-        path = timing.write_result(NAME, payload, output_dir)
-        payload["path"] = str(path)
-        return payload
+        return timing.finish(NAME, payload, output_dir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -249,6 +249,12 @@ def write_result(name: str, payload: dict[str, Any], output_dir: str | os.PathLi
     return path
 
 
+def finish(name: str, payload: dict[str, Any], output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Write the result file (see `write_result`), record its path in the payload and return the payload."""
+    payload["path"] = str(write_result(name, payload, output_dir))
+    return payload
+
+
 # ------------------------------------------------------------------------------------------------------
 # plots
 
