@@ -9,11 +9,11 @@ is the fixed-size STM, so this is the stage in which the model learns to use it.
 
 Two schedules make that work on a small budget:
 
-* **gradual unfreezing** (``unfreeze_schedule``): each component (decoder, memory attention, encoder,
-  shared embedding) becomes trainable at its own optimizer step;
+* **gradual unfreezing** (``unfreeze_schedule``): each component (decoder, the decoder's memory
+  cross-attention, memory attention, encoder, shared embedding) becomes trainable at its own optimizer step;
 * **turn-length curriculum** (``turn_curriculum``): short conversations first (two turns: every example is
-  a one-step recall), longer ones later. Measured on this project's target hardware, this was decisive:
-  6-turn conversations from the start left recall at chance.
+  a one-step recall), longer ones later (DESIGN section 7 found it decisive in an earlier plain-PyTorch
+  model; in this project's measured runs recall stays at chance either way, see the README).
 """
 
 from __future__ import annotations
