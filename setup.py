@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 
-_TOP_LEVEL = ["modeling_rxt", "trainers", "recipes", "benchmarks", "model_cards"]
+_TOP_LEVEL = ["modeling_rxt", "trainers", "recipes", "benchmarks", "model_cards", "serving"]
 
 setup(
     name="rxt-hf",
@@ -38,7 +38,17 @@ setup(
         "sacrebleu>=2.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "matplotlib>=3.7"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "redis>=5", "httpx>=0.27"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "matplotlib>=3.7",
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "redis>=5",
+            "httpx>=0.27",
+            "playwright>=1.40",
+        ],
         "tensorboard": ["tensorboard"],
         "bench": ["matplotlib>=3.7"],
     },
