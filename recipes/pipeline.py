@@ -31,6 +31,7 @@ from trainers.evaluation import evaluate_memory, format_evaluation_table
 from .recipe import Recipe, StageSpec
 
 SYNTHETIC_KEYS = ("num_conversations", "num_turns", "max_recall_distance", "seed")
+PREFERENCE_FILE = "preference_evaluation.json"  # written by an rxrlhf stage: preference accuracy before / after
 
 
 def log(message: str) -> None:
@@ -112,12 +113,14 @@ def stage_folder(output_dir: Path, recipe: Recipe, stage: StageSpec) -> Path:
 def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Path, resume: bool) -> Path:
     folder = stage_folder(output_dir, recipe, stage)
     data = recipe.stage_data(stage)
-    if stage.trainer == "mrl":  # a TRL trainer: resumes through train(resume_from_checkpoint=True)
+    if stage.trainer in ("mrl", "rxrlhf"):  # TRL trainers: resume through train(resume_from_checkpoint=True)
         args = stage.build_config(output_dir=str(folder), seed=recipe.seed)
     else:
         args = stage.build_config(
             output_dir=str(folder), seed=recipe.seed, resume_from_checkpoint="latest" if resume else None
         )
+    if stage.trainer == "rxrlhf":
+        return run_preference_stage(stage, args, data, model, tokenizer, folder, resume, recipe.seed)
     turn_counts = data.get("turn_datasets")
     if turn_counts:
         splits = {n: load_stage_dataset(recipe.seed, data, stage.data_kind, num_turns=n) for n in turn_counts}
@@ -145,6 +148,31 @@ def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Pa
     metrics = trainer.train()
     log(f"stage {stage.name} done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     trainer.save_model(str(folder))
+    return folder
+
+
+def run_preference_stage(stage: StageSpec, args, data: dict, model, tokenizer, folder: Path, resume: bool, seed: int):
+    """Stage 6 (RxRLHF): train on preference conversations; preference accuracy on the held-out split (test, else
+    validation) before and after training goes to `preference_evaluation.json` in the stage folder."""
+    from trainers.rxrlhf_trainer import format_preference_table
+
+    split = load_stage_dataset(seed, data, "preference")
+    held_out = split.get("test") or split.get("validation")
+    evaluation = split.get("validation") if args.eval_strategy != "no" else None
+    log(f"stage {stage.name} ({stage.trainer}): {args.max_steps} steps on {len(split['train'])} preference "
+        f"conversations -> {folder}")
+    trainer = stage.trainer_class(model=model, args=args, train_dataset=split["train"], eval_dataset=evaluation,
+                                  processing_class=tokenizer)
+    before = trainer.evaluate_preferences(held_out) if held_out is not None else None
+    has_checkpoint = resume and any(folder.glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    after = trainer.evaluate_preferences(held_out) if held_out is not None else None
+    trainer.save_rxt_model(str(folder))
+    if after is not None:
+        report = {"num_conversations": len(held_out), "before": before, "after": after}
+        (folder / PREFERENCE_FILE).write_text(json.dumps(report, indent=2, default=str))
+        log(f"stage {stage.name}: preference accuracy on {len(held_out)} held-out conversations\n"
+            + format_preference_table(before, after))
     return folder
 
 
@@ -191,7 +219,7 @@ def run_recipe(
     final = output_dir / "final"
     if final.exists():
         shutil.rmtree(final)
-    shutil.copytree(last_folder, final, ignore=shutil.ignore_patterns("checkpoints", "runs", "*.jsonl"))
+    shutil.copytree(last_folder, final, ignore=shutil.ignore_patterns("checkpoints", "checkpoint-*", "runs", "*.jsonl"))
     result = {"output_dir": str(output_dir), "final_model": str(final), "train_minutes": (time.time() - started) / 60}
     if evaluate:
         evaluation = evaluate_recipe_model(recipe, final)
@@ -235,6 +263,16 @@ def evaluate_model(
         max_conversations=settings.get("num_conversations"),
     )
     table = format_evaluation_table(result)
+    preference = folder / PREFERENCE_FILE
+    if preference.is_file():  # the model's rxrlhf stage measured preference accuracy before / after
+        from trainers.rxrlhf_trainer import format_preference_table
+
+        report = json.loads(preference.read_text())
+        for when in ("before", "after"):
+            for key in ("preference_accuracy", "logp_accuracy"):
+                if (report.get(when) or {}).get(key) is not None:
+                    result[f"{key}_{when}_rxrlhf"] = report[when][key]
+        table += "\n\nPreference pairs (held-out), RxRLHF stage:\n\n" + format_preference_table(report.get("before"), report["after"])
     print(table, flush=True)
     output_json = Path(output_json) if output_json else folder.parent / "evaluation.json"
     output_json.write_text(json.dumps(result, indent=2, default=str))

@@ -41,6 +41,7 @@ STAGE_TRAINERS = {
     "memory-attention": ("trainers.memory_attention_trainer", "MemoryAttentionConfig", "MemoryAttentionTrainer"),
     "smat": ("trainers.smat_trainer", "SMATConfig", "SMATTrainer"),
     "mrl": ("trainers.mrl_trainer", "MRLConfig", "MRLTrainer"),
+    "rxrlhf": ("trainers.rxrlhf_trainer", "RxRLHFConfig", "RxRLHFTrainer"),
 }
 
 
@@ -89,6 +90,8 @@ class StageSpec:
     def data_kind(self) -> str:
         if self.trainer == "joint-lm":
             return "interaction-sft" if self.config.get("mode", "pretraining") == "sft" else "pretraining"
+        if self.trainer == "rxrlhf":
+            return "preference"
         return "multi-turn"
 
     def build_config(self, output_dir: str, **extra) -> Any:

@@ -10,6 +10,8 @@ interaction-sft ``query``, ``answer``                 stage 2 (joint interaction
 multi-turn     ``query``, ``answer``, ``interactions`` stages 3-5 (``interactions`` is a list of
                                                       ``{query, answer}`` following the first
                                                       interaction)
+preference     ``interactions``                       stage 6 (RxRLHF; every turn is
+                                                      ``{query, chosen, rejected}``)
 ============== ====================================== =========================================
 
 :func:`load_rxt_dataset` loads the embedded synthetic set, local JSONL / JSON / Parquet files or a
@@ -55,6 +57,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "pretraining": ("text",),
     "interaction-sft": ("query", "answer"),
     "multi-turn": ("query", "answer", "interactions"),
+    "preference": ("interactions",),  # stage 6 (RxRLHF): interactions: [{query, chosen, rejected}]
 }
 _LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SPLIT_ALIASES = {
@@ -71,7 +74,7 @@ _SPLIT_ALIASES = {
 
 def _check_kind(kind: str) -> None:
     if kind not in REQUIRED_COLUMNS:
-        raise ValueError(f"kind={kind!r} is not a data set kind; use one of {DATASET_KINDS}.")
+        raise ValueError(f"kind={kind!r} is not a data set kind; use one of {tuple(REQUIRED_COLUMNS)}.")
 
 
 def _local_data_files(source: str) -> tuple[str, Any]:
@@ -148,15 +151,16 @@ def _validate(ds, kind: str) -> None:
                     f"{found}. Fix: pass column_mapping={{'<your column>': {col!r}}} to rename a "
                     "column of your data set."
                 )
-        if kind == "multi-turn" and part.features is not None and "interactions" in part.features:
+        if kind in ("multi-turn", "preference") and part.features is not None and "interactions" in part.features:
             inner = getattr(part.features["interactions"], "feature", None)
+            fields = ("query", "answer") if kind == "multi-turn" else ("query", "chosen", "rejected")
             if isinstance(inner, dict):
-                missing = [k for k in ("query", "answer") if k not in inner]
+                missing = [k for k in fields if k not in inner]
                 if missing:
                     raise ValueError(
-                        f"column 'interactions'{where} must hold a list of {{query, answer}}; its "
+                        f"column 'interactions'{where} must hold a list of {{{', '.join(fields)}}}; its "
                         f"items have fields {list(inner)} (missing {missing}). Fix: rename the "
-                        "fields of the items (e.g. with Dataset.map) to 'query' and 'answer'."
+                        f"fields of the items (e.g. with Dataset.map) to {' / '.join(map(repr, fields))}."
                     )
             elif inner is not None and not isinstance(inner, dict):
                 from datasets import Value
@@ -180,8 +184,10 @@ def load_rxt_dataset(source: str | None, kind: str, split: str | None = None,
             those splits, otherwise all files are the ``train`` split; a single file is always
             the ``train`` split); anything else is a Hub
             data set name passed to ``datasets.load_dataset(source, ...)``.
-        kind: ``"pretraining"`` (needs ``text``), ``"interaction-sft"`` (``query``, ``answer``)
-            or ``"multi-turn"`` (``query``, ``answer``, ``interactions``).
+        kind: ``"pretraining"`` (needs ``text``), ``"interaction-sft"`` (``query``, ``answer``),
+            ``"multi-turn"`` (``query``, ``answer``, ``interactions``) or ``"preference"``
+            (``interactions: [{query, chosen, rejected}]``; the synthetic source is
+            :func:`trainers.preference_data.build_preference_dataset`).
         split: return only this split (a ``datasets.Dataset``); ``None`` returns the whole
             ``DatasetDict``.
         column_mapping: ``{old_name: new_name}`` renames applied before validation.
@@ -196,7 +202,11 @@ def load_rxt_dataset(source: str | None, kind: str, split: str | None = None,
     _check_kind(kind)
     import datasets
 
-    if source is None or source == "synthetic":
+    if (source is None or source == "synthetic") and kind == "preference":
+        from .preference_data import build_preference_dataset
+
+        ds = build_preference_dataset(**synthetic_kwargs)
+    elif source is None or source == "synthetic":
         ds = build_synthetic_dataset(kind, **synthetic_kwargs)
     elif _is_local(source):
         if synthetic_kwargs:
