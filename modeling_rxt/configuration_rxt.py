@@ -120,6 +120,10 @@ class RxTConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     attention_bias: bool = False
     attention_dropout: float = 0.0
+    # RMSNorm on each head's queries and keys in the two memory attentions (decoder -> STM, STM -> encoded
+    # data). Without it the content-only match of a memory read starts near uniform and, measured on the
+    # default recipe, stayed uniform: the decoder never learned to read memory.
+    memory_qk_norm: bool = True
     use_cache: bool = True
     tie_word_embeddings: bool = False
 

@@ -192,6 +192,10 @@ class RxTAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(num_query_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.qk_norm = cross and config.memory_qk_norm
+        if self.qk_norm:  # per-head RMSNorm: sharp content-based memory reads from the first step
+            self.q_norm = RxTRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RxTRMSNorm(self.head_dim, config.rms_norm_eps)
 
     def split_heads(self, states: torch.Tensor) -> torch.Tensor:
         batch, length, _ = states.shape
@@ -201,6 +205,8 @@ class RxTAttention(nn.Module):
         """Keys and values [B, Hkv, Tk, hd] from `source` [B, Tk, D]."""
         key = self.split_heads(self.k_proj(source))
         value = self.split_heads(self.v_proj(source))
+        if self.qk_norm:
+            key = self.k_norm(key)
         if self.rope_key:
             key = rotary.rotate(key)
         return key, value
@@ -216,6 +222,8 @@ class RxTAttention(nn.Module):
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         query = self.split_heads(self.q_proj(hidden_states))  # [B, Hq, Tq, hd]
+        if self.qk_norm:
+            query = self.q_norm(query)
         if self.rope_query:
             query = rotary.rotate(query)
 

@@ -119,6 +119,26 @@ def test_decoder_logits_depend_on_memory():
     assert (first.logits - second.logits).abs().max() > 1e-4
 
 
+def test_memory_reads_normalise_queries_and_keys_per_head():
+    model = tiny_model()
+    cross = model.model.decoder.layers[0].memory_cross_attn
+    write = model.model.memory_attention.layers[0].attention
+    self_attn = model.model.decoder.layers[0].self_attn
+    assert cross.qk_norm and write.qk_norm and not self_attn.qk_norm
+    assert tuple(cross.q_norm.weight.shape) == (cross.head_dim,)
+    plain = tiny_model(memory_qk_norm=False)
+    assert not plain.model.decoder.layers[0].memory_cross_attn.qk_norm
+    assert not any("q_norm" in name for name, _ in plain.named_parameters())
+    # the attention pattern depends on the direction of each head's query, not its length
+    ids, stm = random_ids(1, 6), torch.randn(1, *model.config.stm_shape)
+    for candidate, invariant in ((model, True), (plain, False)):
+        before = candidate(ids, stm_state=stm).logits
+        with torch.no_grad():
+            candidate.model.decoder.layers[0].memory_cross_attn.q_proj.weight.mul_(5.0)
+        after = candidate(ids, stm_state=stm).logits
+        assert torch.allclose(before, after, atol=1e-4) == invariant
+
+
 def test_permuting_memory_slots_leaves_decoder_logits_unchanged():
     model = tiny_model()
     ids = random_ids(2, 10)
