@@ -22,6 +22,7 @@ setup(
     package_data={
         "recipes": ["*.yaml"],
         "model_cards": ["*.md"],
+        "serving": ["static/*"],
     },
     install_requires=[
         "torch>=2.4",

@@ -73,6 +73,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.set_defaults(func=command_chat)
 
+    # `rxt serve` parses its own options (serving.server.build_parser, from ServeConfig) when it runs, so the
+    # optional serve extra (fastapi, uvicorn) and torch are imported only then.
+    serve = subparsers.add_parser(
+        "serve",
+        help="HTTP server: conversations with memory, OpenAI-compatible endpoint, chat page (rxt serve --help)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    serve.add_argument("arguments", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=command_serve)
+
     from benchmarks.cli import add_bench_command
 
     add_bench_command(subparsers)
@@ -166,6 +177,16 @@ def command_chat(args) -> int:
             chat.save(args.memory)
     chat.wait()
     return 0
+
+
+def command_serve(args) -> int:
+    try:
+        from serving.server import main as serve_main
+    except ModuleNotFoundError as error:
+        if error.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise SystemExit(f"rxt serve needs the serve extra ({error.name} is missing): pip install -e '.[serve]'.") from None
+    return serve_main(args.arguments)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
