@@ -21,6 +21,8 @@ BENCHMARKS: dict[str, str] = {
     "attention-variants": "benchmarks.attention_variants",
     "batched-interactions": "benchmarks.batched_interactions",
     "quality-vs-stateless": "benchmarks.quality_vs_stateless",
+    "tensorbleu": "benchmarks.tensorbleu",
+    "serve": "benchmarks.serve",
 }
 
 

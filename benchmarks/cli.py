@@ -16,9 +16,6 @@ from typing import Any
 
 from . import BENCHMARKS, run_benchmark
 
-# `rxt bench serve` (the HTTP server benchmark); registered here next to the command line.
-BENCHMARKS.setdefault("serve", "benchmarks.serve")
-
 
 def _format_value(value: Any) -> str:
     if isinstance(value, bool):

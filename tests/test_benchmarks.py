@@ -131,6 +131,30 @@ def test_batched_interactions_levels(smoke_results):
         assert record["stm_bytes"] == record["stm_bytes_formula"] == stm_bytes(rxt_config, conversations=n)
 
 
+def test_tensorbleu_smoke_agrees_with_sacrebleu(smoke_results):
+    from benchmarks.tensorbleu import make_batch
+
+    _, payloads = smoke_results
+    payload = payloads["tensorbleu"]
+    config, results = payload["config"], payload["results"]
+    batch, length = config["batch_size"], config["length"]
+    assert config["sweep_batch_sizes"][-1] == batch and set(results["levels"]) == {str(n) for n in config["sweep_batch_sizes"]}
+    tensor_scores, loop_scores = results["tensorbleu_scores"], results["sacrebleu_scores"]
+    assert len(tensor_scores) == len(loop_scores) == batch
+    assert max(abs(a - b) for a, b in zip(tensor_scores, loop_scores)) == results["max_abs_difference"] <= 1e-4
+    assert all(level["max_abs_difference"] <= 1e-4 for level in results["levels"].values())
+    assert payload["targets"]["agreement"]["met"] is True
+    assert results["speedup"] == timing.ratio(results["sacrebleu_median_s"], results["tensorbleu_median_s"])
+    assert len({round(s, 6) for s in loop_scores}) > 1 and 0.0 < max(loop_scores) <= 1.0  # spread, not all zero
+    # the batch is seeded; references are mutated copies of the candidates
+    cand, ref, rate = make_batch(batch, length, config["vocab_size"], torch.Generator().manual_seed(config["seed"]))
+    again = make_batch(batch, length, config["vocab_size"], torch.Generator().manual_seed(config["seed"]))
+    assert torch.equal(cand, again[0]) and torch.equal(ref, again[1])
+    assert cand.shape == ref.shape == (batch, length) and 0 <= int(cand.min()) and int(cand.max()) < config["vocab_size"]
+    assert ((rate >= config["mutation_min"]) & (rate <= config["mutation_max"])).all()
+    assert 0.0 < (cand == ref).float().mean() < 1.0
+
+
 def test_results_table_and_reload(smoke_results):
     folder, payloads = smoke_results
     reloaded = load_results(folder)
