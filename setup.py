@@ -26,7 +26,7 @@ setup(
     },
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0,<6",
+        "transformers>=5.23,<5.24",  # 5.24 renames past_key_values to cache in model outputs
         "accelerate>=1.0",
         "peft>=0.13",
         "trl==1.16.0",
