@@ -20,6 +20,7 @@ GATE_TYPES = ("static", "elementwise", "linear")
 GATE_ACTIVATIONS = ("sigmoid", "tanh")
 GATE_GRANULARITIES = ("slot", "layer")
 STM_INIT_MODES = ("learned", "zeros", "normal")
+INIT_SCHEMES = ("fan_in", "normal")
 FEED_FORWARD_TYPES = ("moe", "dense")
 ATTENTION_ROLES = ("self_attention", "memory_cross_attention", "memory_attention")
 
@@ -117,6 +118,11 @@ class RxTConfig(PreTrainedConfig):
     max_position_embeddings: int = 256
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    # "fan_in": every Linear U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's own default) and a unit-variance
+    # embedding; "normal": every weight N(0, initializer_range), as Llama. Measured on 2-turn recall (2.8M
+    # parameters, 400 steps from scratch): "fan_in" 81% recall, "normal" 1% (the 0.02-scale token embedding is
+    # drowned in the residual stream, so memory never carries which word was said).
+    init_scheme: str = "fan_in"
     initializer_range: float = 0.02
     attention_bias: bool = False
     attention_dropout: float = 0.0
@@ -124,6 +130,10 @@ class RxTConfig(PreTrainedConfig):
     # data). Without it the content-only match of a memory read starts near uniform and, measured on the
     # default recipe, stayed uniform: the decoder never learned to read memory.
     memory_qk_norm: bool = True
+    # RoPE in the two memory attentions, as the RxT paper has it: on the decoder's queries in memory
+    # cross-attention and on the encoded tokens' keys in memory attention (memory slots themselves never carry
+    # positions). False makes both reads purely content-based (no rotation by the reader's / token's position).
+    memory_rope: bool = True
     use_cache: bool = True
     tie_word_embeddings: bool = False
 
@@ -220,6 +230,7 @@ class RxTConfig(PreTrainedConfig):
             "residual_gate_activation": GATE_ACTIVATIONS,
             "residual_gate_granularity": GATE_GRANULARITIES,
             "stm_init_mode": STM_INIT_MODES,
+            "init_scheme": INIT_SCHEMES,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:

@@ -327,6 +327,11 @@ class RxTMoE(nn.Module):
 # residual gate
 
 
+class RxTGateProjection(nn.Linear):
+    """The Linear of a "linear" residual gate: a type of its own so that `_init_weights`, which visits children
+    before parents, can start its bias at `config.residual_gate_init_bias`."""
+
+
 class RxTResidualGate(nn.Module):
     """Blends the old memory with its update: sigmoid `(1 - G) * old + G * update`, tanh `(1 + G) * update + (1 - G) * old`.
 
@@ -348,7 +353,7 @@ class RxTResidualGate(nn.Module):
             self.weight = nn.Parameter(torch.empty(width))
             self.bias = nn.Parameter(torch.empty(width))
         else:
-            self.proj = nn.Linear(width, width)
+            self.proj = RxTGateProjection(width, width)
 
     def gate(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         if self.gate_type == "static":
@@ -383,7 +388,7 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         self.memory_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.cross_attn_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.memory_cross_attn = RxTAttention(
-            config, "memory_cross_attention", rope="query", layer_idx=layer_idx, cross=True
+            config, "memory_cross_attention", rope="query" if config.memory_rope else "none", layer_idx=layer_idx, cross=True
         )
         self.ff_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.decoder_feed_forward == "moe"
@@ -471,7 +476,9 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
             self.source_gate = RxTResidualGate(config)
         self.memory_norm = RxTRMSNorm(config.hidden_size, eps)
         self.encoded_norm = RxTRMSNorm(config.hidden_size, eps)
-        self.attention = RxTAttention(config, "memory_attention", rope="key", layer_idx=layer_idx, cross=True)
+        self.attention = RxTAttention(
+            config, "memory_attention", rope="key" if config.memory_rope else "none", layer_idx=layer_idx, cross=True
+        )
         self.gate = RxTResidualGate(config)
 
     def forward(
@@ -630,17 +637,27 @@ class RxTPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):
-        super()._init_weights(module)
         config = self.config
+        if isinstance(module, RxTGateProjection):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+            init.constant_(module.bias, config.residual_gate_init_bias)
+        elif config.init_scheme == "fan_in" and isinstance(module, nn.Linear):
+            bound = module.in_features**-0.5  # PyTorch's nn.Linear default (kaiming-uniform, a=sqrt(5))
+            init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                init.uniform_(module.bias, -bound, bound)
+        elif config.init_scheme == "fan_in" and isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=1.0)  # token identity as large as a normed hidden state
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        else:
+            super()._init_weights(module)
         if isinstance(module, RxTResidualGate):
             if module.gate_type == "static":
                 init.constant_(module.weight, config.residual_gate_init_bias)
             elif module.gate_type == "elementwise":
                 init.normal_(module.weight, mean=0.0, std=config.initializer_range)
                 init.constant_(module.bias, config.residual_gate_init_bias)
-            else:
-                init.normal_(module.proj.weight, mean=0.0, std=config.initializer_range)
-                init.constant_(module.proj.bias, config.residual_gate_init_bias)
         elif isinstance(module, RxTMemoryAttention) and hasattr(module, "initial_stm"):
             init.normal_(module.initial_stm, mean=0.0, std=config.stm_init_std)
 

@@ -45,6 +45,7 @@ def random_ids(batch, length, seed=1, vocab=500):
         (dict(residual_gate_activation="relu"), "residual_gate_activation"),
         (dict(residual_gate_granularity="token"), "residual_gate_granularity"),
         (dict(stm_init_mode="ones"), "stm_init_mode"),
+        (dict(init_scheme="xavier"), "init_scheme"),
         (dict(decoder_feed_forward="sparse"), "decoder_feed_forward"),
         (dict(num_experts_per_token=5), "num_experts_per_token"),
         (dict(stm_size=0), "stm_size"),
@@ -137,6 +138,38 @@ def test_memory_reads_normalise_queries_and_keys_per_head():
             candidate.model.decoder.layers[0].memory_cross_attn.q_proj.weight.mul_(5.0)
         after = candidate(ids, stm_state=stm).logits
         assert torch.allclose(before, after, atol=1e-4) == invariant
+
+
+def test_init_schemes_set_the_weight_scales():
+    fan_in = tiny_model(hidden_size=64, num_attention_heads=4, vocab_size=2000)
+    embedding = fan_in.model.embed_tokens.weight
+    assert 0.9 < float(embedding[8:].std()) < 1.1  # unit-variance token embedding
+    assert float(embedding[fan_in.config.pad_token_id].abs().max()) == 0.0  # padding row stays zero
+    q_proj = fan_in.model.decoder.layers[0].self_attn.q_proj.weight
+    bound = q_proj.shape[1] ** -0.5
+    assert float(q_proj.abs().max()) <= bound and float(q_proj.abs().max()) > 0.9 * bound  # U(-1/sqrt(fan_in), ..)
+    gate = fan_in.model.memory_attention.layers[0].gate.proj.bias
+    assert torch.allclose(gate, torch.full_like(gate, fan_in.config.residual_gate_init_bias))  # gates keep their bias
+    normal = tiny_model(hidden_size=64, num_attention_heads=4, vocab_size=2000, init_scheme="normal")
+    assert abs(float(normal.model.embed_tokens.weight[8:].std()) - normal.config.initializer_range) < 0.002
+
+
+def test_memory_rope_false_makes_memory_reads_position_free():
+    # a memory read rotated by the query position (the paper's RoPE on queries) changes with the position
+    # of the reading token; with memory_rope=False it depends on content only
+    stm = torch.randn(1, *tiny_config().stm_shape)
+    for memory_rope, position_free in ((True, False), (False, True)):
+        model = tiny_model(memory_rope=memory_rope)
+        cross = model.model.decoder.layers[0].memory_cross_attn
+        assert cross.rope_query == memory_rope
+        assert model.model.memory_attention.layers[0].attention.rope_key == memory_rope
+        hidden = torch.randn(1, 1, model.config.hidden_size).expand(1, 5, -1)  # one state at positions 0..4
+        from modeling_rxt.modeling_rxt import RotaryTables
+
+        rotary = RotaryTables(torch.arange(5)[None], model.config.rope_theta)
+        with torch.no_grad():
+            out = cross(hidden, key_value_states=stm[:, 0], rotary=rotary)
+        assert torch.allclose(out[:, 0], out[:, 4], atol=1e-5) == position_free
 
 
 def test_permuting_memory_slots_leaves_decoder_logits_unchanged():
