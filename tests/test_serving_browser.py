@@ -3,9 +3,9 @@
 Chromium is the system one (`executable_path`), never a downloaded browser. The server runs in a thread of the
 test process; its memory updates are slowed down a little so the page's "memory updating" state is visible.
 
-`RXT_SERVE_TEST_MODEL=<trained model folder>` enables the recall check (the second answer uses the first
-message's fact); `RXT_SERVE_TEST_FACT`, `RXT_SERVE_TEST_QUESTION` and `RXT_SERVE_TEST_EXPECT` (a substring of
-the expected answer, case-insensitive) override the default fact / question pair.
+The recall check (the second answer uses the first message's fact) trains a small model for about a CPU minute,
+or uses the folder in `RXT_SERVE_TEST_MODEL`; it sends a held-out fact and question that the model answers right
+with memory and wrong without, and expects the page to show exactly the in-process answers.
 """
 
 from __future__ import annotations
@@ -101,21 +101,74 @@ def test_chat_page_streams_both_answers_and_shows_memory_updates(tiny_tokenizer,
     torch.testing.assert_close(stored.stm_state, stm, atol=1e-5, rtol=1e-4)
 
 
-def test_chat_page_second_answer_uses_the_first_fact(monkeypatch):
-    folder = os.environ.get("RXT_SERVE_TEST_MODEL")
-    if not folder:
-        pytest.skip(
-            "RXT_SERVE_TEST_MODEL is not set: recalling a fact needs a trained model folder (random weights remember "
-            "nothing). Set it, and optionally RXT_SERVE_TEST_FACT / _QUESTION / _EXPECT."
-        )
-    from serving.server import BackgroundServer, ServeConfig, create_app, load_model
+def train_remembering_model(folder: Path) -> None:
+    """A small RxT (410k parameters) trained for about a CPU minute on 2-turn embedded conversations (stage 4
+    only) into `folder`. Measured: 92% recall one turn back on held-out conversations, 0% with a fresh memory."""
+    from modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
+    from trainers.data import ConversationCollator
+    from trainers.smat_trainer import SMATConfig, SMATTrainer
+    from trainers.synthetic_data import build_synthetic_dataset
 
-    fact = os.environ.get("RXT_SERVE_TEST_FACT", "I put the red lantern in the old mill.")
-    question = os.environ.get("RXT_SERVE_TEST_QUESTION", "Where did I put the lantern?")
-    expect = os.environ.get("RXT_SERVE_TEST_EXPECT", "old mill")
-    model, tokenizer = load_model(folder)
+    torch.manual_seed(0)
+    data = build_synthetic_dataset("multi-turn", num_conversations=2000, num_turns=2, max_recall_distance=1, seed=0)
+    turns = [t for row in data["train"] for t in [row, *row["interactions"]]]
+    tokenizer = build_tokenizer([t["query"] + " " + t["answer"] for t in turns], vocab_size=1000, model_max_length=64)
+    config = RxTConfig.from_preset(
+        "rxt-tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_query_heads=4,
+        num_key_value_heads=4, decoder_feed_forward="dense", decoder_intermediate_size=192,
+        encoder_intermediate_size=192, stm_size=16, max_position_embeddings=64, memory_attention_variant="simple",
+        vocab_size=len(tokenizer), **special_token_ids(tokenizer),
+    )
+    args = SMATConfig(output_dir=str(folder), max_steps=450, per_device_batch_size=32, learning_rate=3e-3,
+                      warmup_steps=20, max_length=64, report_to="none", disable_tqdm=True)
+    collator = ConversationCollator(tokenizer, max_length=64, recall_weight=3.0)
+    trainer = SMATTrainer(RxTForCausalLM(config), args, data["train"], tokenizer=tokenizer, data_collator=collator)
+    trainer.train()
+    trainer.save_model(str(folder))
+
+
+@pytest.fixture(scope="module")
+def remembering_model(tmp_path_factory) -> str:
+    """A trained model folder: `RXT_SERVE_TEST_MODEL`, or one trained here (about a minute)."""
+    folder = os.environ.get("RXT_SERVE_TEST_MODEL")
+    if folder:
+        return folder
+    folder = tmp_path_factory.mktemp("remembering-model")
+    train_remembering_model(folder)
+    return str(folder)
+
+
+def recalled_fact(model, tokenizer, max_new_tokens: int) -> tuple[list[str], list[str], list[str]]:
+    """A held-out (fact, question) pair that the model answers right with memory and wrong with a fresh one:
+    the messages, the in-process answers and the answer's key words."""
+    from trainers.evaluation import keywords_match
+    from trainers.synthetic_data import build_synthetic_dataset
+
+    test = build_synthetic_dataset("multi-turn", num_conversations=2000, num_turns=2, max_recall_distance=1, seed=0)["test"]
+    for row in test:
+        messages = [row["query"], row["interactions"][0]["query"]]
+        keywords = row["answer_keywords"][0]
+        answers, stm = [], model.init_memory(1)
+        for text in messages:
+            events = list(model.interact(text, stm_state=stm, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                                         do_sample=False))
+            answers.append(events[-3].text[0])
+            stm = events[-1].stm_state
+        alone = list(model.interact(messages[1], tokenizer=tokenizer, max_new_tokens=max_new_tokens, do_sample=False))
+        if keywords_match(answers[1], keywords) and not keywords_match(alone[-3].text[0], keywords):
+            return messages, answers, keywords
+    pytest.fail("the trained model recalls none of the held-out facts")
+
+
+def test_chat_page_second_answer_uses_the_first_fact(remembering_model, monkeypatch):
+    from serving.server import BackgroundServer, ServeConfig, create_app, load_model
+    from trainers.evaluation import keywords_match
+
+    model, tokenizer = load_model(remembering_model)
+    messages, expected, keywords = recalled_fact(model, tokenizer, max_new_tokens=24)
     slow_memory_updates(model, monkeypatch)
-    app = create_app(ServeConfig(model=folder, max_new_tokens=48, log_level="warning"), model, tokenizer)
+    app = create_app(ServeConfig(model=remembering_model, max_new_tokens=24, log_level="warning"), model, tokenizer)
     with BackgroundServer(app) as running:
-        shown = chat(running.url, [fact, question])
-    assert expect.lower() in shown["answers"][1].lower(), shown["answers"]
+        shown = chat(running.url, messages)
+    assert shown["answers"] == expected, (messages, shown["answers"])
+    assert keywords_match(shown["answers"][1], keywords), (messages, shown["answers"], keywords)
