@@ -32,7 +32,7 @@ def targets_markdown(payloads: dict[str, dict]) -> str:
         for row in payload.get("targets", {}).values():
             goal = f"{row['comparison']} {_format_value(row['target'])}"
             lines.append(
-                f"| {name} | {row['description']} | {_format_value(row['measured'])} | {goal} | "
+                f"| {name} | {row['description'].replace('|', '&#124;')} | {_format_value(row['measured'])} | {goal} | "
                 f"{'yes' if row['met'] else '**no**'} |"
             )
     return "\n".join(lines)
