@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from modeling_rxt import RxTConfig, RxTForCausalLM, RxTModel
+from modeling_rxt.modeling_rxt import RotaryTables
 from transformers import AutoModelForCausalLM
 
 
@@ -164,8 +165,6 @@ def test_memory_rope_false_makes_memory_reads_position_free():
         assert cross.rope_query == memory_rope
         assert model.model.memory_attention.layers[0].attention.rope_key == memory_rope
         hidden = torch.randn(1, 1, model.config.hidden_size).expand(1, 5, -1)  # one state at positions 0..4
-        from modeling_rxt.modeling_rxt import RotaryTables
-
         rotary = RotaryTables(torch.arange(5)[None], model.config.rope_theta)
         with torch.no_grad():
             out = cross(hidden, key_value_states=stm[:, 0], rotary=rotary)

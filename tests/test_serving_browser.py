@@ -101,16 +101,22 @@ def test_chat_page_streams_both_answers_and_shows_memory_updates(tiny_tokenizer,
     torch.testing.assert_close(stored.stm_state, stm, atol=1e-5, rtol=1e-4)
 
 
+def two_turn_conversations():
+    """The embedded plant-then-ask conversations the small model trains on (train) and is checked on (test)."""
+    from trainers.synthetic_data import build_synthetic_dataset
+
+    return build_synthetic_dataset("multi-turn", num_conversations=2000, num_turns=2, max_recall_distance=1, seed=0)
+
+
 def train_remembering_model(folder: Path) -> None:
     """A small RxT (410k parameters) trained for about a CPU minute on 2-turn embedded conversations (stage 4
     only) into `folder`. Measured: 92% recall one turn back on held-out conversations, 0% with a fresh memory."""
     from modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
     from trainers.data import ConversationCollator
     from trainers.smat_trainer import SMATConfig, SMATTrainer
-    from trainers.synthetic_data import build_synthetic_dataset
 
     torch.manual_seed(0)
-    data = build_synthetic_dataset("multi-turn", num_conversations=2000, num_turns=2, max_recall_distance=1, seed=0)
+    data = two_turn_conversations()
     turns = [t for row in data["train"] for t in [row, *row["interactions"]]]
     tokenizer = build_tokenizer([t["query"] + " " + t["answer"] for t in turns], vocab_size=1000, model_max_length=64)
     config = RxTConfig.from_preset(
@@ -142,10 +148,8 @@ def recalled_fact(model, tokenizer, max_new_tokens: int) -> tuple[list[str], lis
     """A held-out (fact, question) pair that the model answers right with memory and wrong with a fresh one:
     the messages, the in-process answers and the answer's key words."""
     from trainers.evaluation import keywords_match
-    from trainers.synthetic_data import build_synthetic_dataset
 
-    test = build_synthetic_dataset("multi-turn", num_conversations=2000, num_turns=2, max_recall_distance=1, seed=0)["test"]
-    for row in test:
+    for row in two_turn_conversations()["test"]:
         messages = [row["query"], row["interactions"][0]["query"]]
         keywords = row["answer_keywords"][0]
         answers, stm = [], model.init_memory(1)
