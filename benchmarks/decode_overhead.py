@@ -32,32 +32,40 @@ from .common import (
 
 NAME = "decode-overhead"
 DESCRIPTION = "Tokens/s of RxT's decoder (memory K/V precached) vs a same-size Llama with no history."
-DEFAULTS = dict(preset=DEFAULT_PRESET, query_length=32, answer_length=128, repeats=5, warmup=2, diagnostics=True)
+DEFAULTS = dict(preset=DEFAULT_PRESET, query_length=32, answer_length=128, repeats=9, warmup=2, diagnostics=True)
 SMOKE = {**DEFAULTS, "query_length": 8, "answer_length": 6, "repeats": 1, "warmup": 1, "diagnostics": True}
 
 
-def _time_generate(model, query: torch.Tensor, repeats: int, warmup: int, **kwargs) -> dict[str, Any]:
+def _time_generate_interleaved(systems: dict[str, tuple[Any, dict]], query: torch.Tensor, repeats: int, warmup: int) -> dict[str, dict]:
+    """Time `generate()` of every system round-robin (repeat r of each system runs before repeat r + 1 of any),
+    so that drifts of the machine's speed hit all systems alike. `systems`: name -> (model, generate kwargs)."""
     timer = TokenTimer()
     mask = torch.ones_like(query)
     for _ in range(warmup):
-        model.generate(query, attention_mask=mask, **kwargs)
-    totals, decode_rates, ttfts, sequences = [], [], [], None
+        for model, kwargs in systems.values():
+            model.generate(query, attention_mask=mask, **kwargs)
+    samples = {name: {"totals": [], "decode_rates": [], "ttfts": [], "answer_tokens": 0} for name in systems}
     for _ in range(repeats):
-        timer.start()
-        sequences = model.generate(query, attention_mask=mask, streamer=timer, **kwargs)
-        totals.append(time.perf_counter() - timer.start_time)
-        decode_rates.append(timer.decode_tokens_per_s)
-        ttfts.append(timer.first_token_s)
-    answer_tokens = sequences.shape[1] - query.shape[1]
-    total = timing.summarize(totals)
-    return {
-        "generate_s": total,
-        "ttft_s": timing.summarize(ttfts),
-        "answer_tokens": answer_tokens,
-        "tokens_per_s": answer_tokens / total["median"],
-        "decode_tokens_per_s": timing.summarize(decode_rates)["median"],
-        "decode_tokens_per_s_samples": decode_rates,
-    }
+        for name, (model, kwargs) in systems.items():
+            timer.start()
+            sequences = model.generate(query, attention_mask=mask, streamer=timer, **kwargs)
+            record = samples[name]
+            record["totals"].append(time.perf_counter() - timer.start_time)
+            record["decode_rates"].append(timer.decode_tokens_per_s)
+            record["ttfts"].append(timer.first_token_s)
+            record["answer_tokens"] = sequences.shape[1] - query.shape[1]
+    results = {}
+    for name, record in samples.items():
+        total = timing.summarize(record["totals"])
+        results[name] = {
+            "generate_s": total,
+            "ttft_s": timing.summarize(record["ttfts"]),
+            "answer_tokens": record["answer_tokens"],
+            "tokens_per_s": record["answer_tokens"] / total["median"],
+            "decode_tokens_per_s": timing.summarize(record["decode_rates"])["median"],
+            "decode_tokens_per_s_samples": record["decode_rates"],
+        }
+    return results
 
 
 def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: int = 0, plot: bool = True, **options) -> dict:
@@ -75,10 +83,7 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
         query = rxt_query(config, q_len, torch.Generator().manual_seed(seed))
         stm = rxt.init_memory(1)
 
-        results = {
-            "rxt": _time_generate(rxt, query, repeats, warmup, stm_state=stm, **kw),
-            "llama": _time_generate(llama, query, repeats, warmup, **kw),
-        }
+        systems = {"rxt": (rxt, {"stm_state": stm, **kw}), "llama": (llama, kw)}
         if opts["diagnostics"]:
             dense = build_rxt(
                 opts["preset"],
@@ -86,9 +91,10 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
                 decoder_feed_forward="dense",
                 decoder_intermediate_size=active_feed_forward_size(config),
             )
-            results["rxt_dense_feed_forward"] = _time_generate(dense, query, repeats, warmup, stm_state=dense.init_memory(1), **kw)
             small = build_rxt(opts["preset"], seed=seed, stm_size=1)
-            results["rxt_tiny_memory"] = _time_generate(small, query, repeats, warmup, stm_state=small.init_memory(1), **kw)
+            systems["rxt_dense_feed_forward"] = (dense, {"stm_state": dense.init_memory(1), **kw})
+            systems["rxt_tiny_memory"] = (small, {"stm_state": small.init_memory(1), **kw})
+        results = _time_generate_interleaved(systems, query, repeats, warmup)
         payload["results"] = results
 
     rxt_rate, llama_rate = results["rxt"]["decode_tokens_per_s"], results["llama"]["decode_tokens_per_s"]

@@ -79,19 +79,14 @@ class RxTRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        # torch's fused kernel: one op instead of seven (decoding a small model is bound by op count)
+        if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+        normed = F.rms_norm(hidden_states.float(), self.weight.shape, None, self.variance_epsilon)  # float32 statistics
+        return self.weight * normed.to(hidden_states.dtype)
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class RotaryTables:
@@ -103,19 +98,23 @@ class RotaryTables:
         self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, head_dim: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cos` and a signed `sin` [B, 1, T, hd]: the first half of `sin` negated (see :meth:`rotate`)."""
         key = (head_dim, dtype, device)
         if key not in self.tables:
             exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
             inv_freq = 1.0 / (self.theta**exponents)
             freqs = self.position_ids.to(device=device, dtype=torch.float32)[..., None] * inv_freq  # [B, T, hd/2]
-            angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
-            self.tables[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+            cos, sin = freqs.cos(), freqs.sin()
+            cos = torch.cat((cos, cos), dim=-1)[:, None]  # [B, 1, T, hd]
+            sin = torch.cat((-sin, sin), dim=-1)[:, None]
+            self.tables[key] = (cos.to(dtype), sin.to(dtype))
         return self.tables[key]
 
     def rotate(self, states: torch.Tensor) -> torch.Tensor:
-        """RoPE on `states` [B, H, T, hd]."""
-        cos, sin = self.get(states.shape[-1], states.dtype, states.device)
-        return states * cos + rotate_half(states) * sin
+        """RoPE on `states` [B, H, T, hd] (halves convention): `x * cos + [x2, x1] * [-sin, sin]`, the swap of
+        halves being one `roll` (fewer ops per decoding step than split / negate / concatenate)."""
+        cos, signed_sin = self.get(states.shape[-1], states.dtype, states.device)
+        return states * cos + states.roll(states.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, length: int, past_length: int, device) -> torch.Tensor:
@@ -126,8 +125,11 @@ def positions_from_mask(attention_mask: torch.Tensor | None, length: int, past_l
     return positions.clamp(min=0)[:, -length:]
 
 
-def causal_mask(attention_mask: torch.Tensor | None, query_length: int, key_length: int, dtype, device) -> torch.Tensor:
-    """Additive mask [B or 1, 1, Tq, Tk]: query i (the last Tq of Tk positions) sees keys <= i that are not padding."""
+def causal_mask(attention_mask: torch.Tensor | None, query_length: int, key_length: int, dtype, device) -> torch.Tensor | None:
+    """Additive mask [B or 1, 1, Tq, Tk]: query i (the last Tq of Tk positions) sees keys <= i that are not padding.
+    None for one query token that may see every key (a decoding step without padding): nothing to mask."""
+    if query_length == 1 and (attention_mask is None or bool(attention_mask.all())):
+        return None
     query_positions = torch.arange(key_length - query_length, key_length, device=device)
     allowed = torch.arange(key_length, device=device)[None, :] <= query_positions[:, None]  # [Tq, Tk]
     allowed = allowed[None, None]
@@ -278,7 +280,8 @@ class RxTMoE(nn.Module):
     """Top-k routed SwiGLU experts (weights renormalised over the chosen k) plus optional shared experts.
 
     Returns the output and a Switch-style load-balancing loss `E * sum_e(f_e * p_e)` (f: fraction of
-    routed assignments, p: mean router probability) over non-padding tokens.
+    routed assignments, p: mean router probability) over non-padding tokens; the loss is skipped (None) with
+    `output_aux_loss=False` (inference).
     """
 
     def __init__(self, config: RxTConfig):
@@ -293,29 +296,40 @@ class RxTMoE(nn.Module):
             RxTSwiGLU(config.hidden_size, config.decoder_intermediate_size) for _ in range(config.num_shared_experts)
         )
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, output_aux_loss: bool = True):
         batch, length, dim = x.shape
         flat = x.reshape(-1, dim)  # [N, D]
-        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)  # [N, E]
-        top_weights, top_experts = probs.topk(self.top_k, dim=-1)  # [N, k]
-        top_weights = (top_weights / top_weights.sum(-1, keepdim=True)).to(flat.dtype)
+        logits = self.router(flat)  # [N, E]
+        top_logits, top_experts = logits.topk(self.top_k, dim=-1)  # [N, k]
+        # softmax over the chosen k logits == the router probabilities renormalised over the top k
+        top_weights = F.softmax(top_logits, dim=-1, dtype=torch.float32).to(flat.dtype)
 
-        output = torch.zeros_like(flat)
-        for expert_idx in top_experts.unique().tolist():  # only experts that received tokens
-            token_idx, slot = torch.where(top_experts == expert_idx)
-            expert_out = self.experts[expert_idx](flat[token_idx]) * top_weights[token_idx, slot, None]
-            output.index_add_(0, token_idx, expert_out)
+        if flat.shape[0] == 1:  # one token (a decoding step): call its k experts directly
+            output = None
+            for slot, expert_idx in enumerate(top_experts[0].tolist()):
+                expert_out = self.experts[expert_idx](flat) * top_weights[:, slot, None]
+                output = expert_out if output is None else output + expert_out
+        else:
+            output = torch.zeros_like(flat)
+            for expert_idx in top_experts.unique().tolist():  # only experts that received tokens
+                token_idx, slot = torch.where(top_experts == expert_idx)
+                expert_out = self.experts[expert_idx](flat[token_idx]) * top_weights[token_idx, slot, None]
+                output.index_add_(0, token_idx, expert_out)
         for shared in self.shared_experts:
             output = output + shared(flat)
+        aux_loss = self.load_balancing_loss(logits, top_experts, token_mask) if output_aux_loss else None
+        return output.view(batch, length, dim), aux_loss
 
-        valid = torch.ones(flat.shape[0], device=x.device) if token_mask is None else token_mask.reshape(-1).float()
+    def load_balancing_loss(self, logits: torch.Tensor, top_experts: torch.Tensor, token_mask: torch.Tensor | None):
+        """Switch-style `E * sum_e(f_e * p_e)` over the tokens `token_mask` marks (all when None)."""
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
+        valid = torch.ones(probs.shape[0], device=probs.device) if token_mask is None else token_mask.reshape(-1).float()
         count = valid.sum().clamp(min=1)
         weights = valid[:, None].expand_as(top_experts).reshape(-1)
         assigned = torch.bincount(top_experts.reshape(-1), weights=weights, minlength=self.num_experts)  # [E]
         fraction = assigned / (count * self.top_k)
         mean_prob = (probs * valid[:, None]).sum(0) / count
-        aux_loss = self.num_experts * (fraction * mean_prob).sum()
-        return output.view(batch, length, dim), aux_loss
+        return self.num_experts * (fraction * mean_prob).sum()
 
     def active_parameters(self) -> int:
         per_expert = sum(p.numel() for p in self.experts[0].parameters())
@@ -406,6 +420,7 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         rotary: RotaryTables | None = None,
         token_mask: torch.Tensor | None = None,  # [B, T] for the MoE aux loss
         past_key_values: Cache | None = None,
+        output_aux_loss: bool = True,
     ):
         residual = hidden_states
         hidden_states = self.self_attn(
@@ -431,9 +446,9 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
 
         residual = hidden_states
         if self.is_moe:
-            hidden_states, aux_loss = self.feed_forward(self.ff_norm(hidden_states), token_mask)
+            hidden_states, aux_loss = self.feed_forward(self.ff_norm(hidden_states), token_mask, output_aux_loss)
         else:
-            hidden_states, aux_loss = self.feed_forward(self.ff_norm(hidden_states)), hidden_states.new_zeros(())
+            hidden_states, aux_loss = self.feed_forward(self.ff_norm(hidden_states)), None
         return residual + hidden_states, aux_loss
 
 
@@ -530,6 +545,7 @@ class RxTDecoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         output_hidden_states: bool = False,
+        output_router_aux_loss: bool = True,
     ):
         batch, length, _ = inputs_embeds.shape
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -540,7 +556,7 @@ class RxTDecoder(nn.Module):
         token_mask = attention_mask[:, -length:] if attention_mask is not None else None
         rotary = RotaryTables(position_ids, self.rope_theta)
 
-        hidden_states, aux_loss = inputs_embeds, inputs_embeds.new_zeros(())
+        hidden_states, aux_losses = inputs_embeds, []
         all_hidden = (hidden_states,) if output_hidden_states else None
         for idx, layer in enumerate(self.layers):
             hidden_states, layer_aux = layer(
@@ -551,11 +567,17 @@ class RxTDecoder(nn.Module):
                 rotary=rotary,
                 token_mask=token_mask,
                 past_key_values=past_key_values,
+                output_aux_loss=output_router_aux_loss,
             )
-            aux_loss = aux_loss + layer_aux
+            if layer_aux is not None:
+                aux_losses.append(layer_aux)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-        return self.norm(hidden_states), all_hidden, aux_loss / len(self.layers)
+        if output_router_aux_loss:  # dense layers add nothing
+            aux_loss = torch.stack(aux_losses).sum() / len(self.layers) if aux_losses else inputs_embeds.new_zeros(())
+        else:
+            aux_loss = None
+        return self.norm(hidden_states), all_hidden, aux_loss
 
 
 class RxTEncoder(nn.Module):
@@ -794,8 +816,10 @@ class RxTModel(RxTPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        output_router_aux_loss: bool | None = None,
     ) -> RxTModelOutput:
-        """Run the decoder reading `memory` (no shape check on the slots: stages 1-2 pass encoder states)."""
+        """Run the decoder reading `memory` (no shape check on the slots: stages 1-2 pass encoder states).
+        The MoE load-balancing loss is computed in training mode or with `output_router_aux_loss=True`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -808,6 +832,7 @@ class RxTModel(RxTPreTrainedModel):
             position_ids=position_ids,
             past_key_values=past_key_values,
             output_hidden_states=output_hidden_states,
+            output_router_aux_loss=self.training if output_router_aux_loss is None else output_router_aux_loss,
         )
         return RxTModelOutput(
             last_hidden_state=hidden,
@@ -826,11 +851,14 @@ class RxTModel(RxTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_aux_loss: bool | None = None,
         **kwargs,
     ) -> RxTModelOutput:
         r"""
         stm_state (`torch.Tensor` of shape `[batch, layers, slots, dim]`, *optional*):
             The conversation's Short-Term Memory; absent means a fresh memory (`init_memory`).
+        output_router_aux_loss (`bool`, *optional*):
+            Compute the MoE load-balancing loss (`router_aux_loss`); defaults to `self.training`.
         """
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -864,6 +892,7 @@ class RxTModel(RxTPreTrainedModel):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            output_router_aux_loss=output_router_aux_loss,
         )
 
     # --- introspection --------------------------------------------------------------------------------
@@ -971,6 +1000,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_aux_loss: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -980,7 +1010,11 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             The conversation's Short-Term Memory; absent means a fresh memory.
         labels (`torch.LongTensor` of shape `[batch, length]`, *optional*):
             Next-token targets (shifted inside), `-100` ignored.
+        output_router_aux_loss (`bool`, *optional*):
+            Compute the MoE load-balancing loss (added to `loss`); defaults to training mode or `labels` given.
         """
+        if output_router_aux_loss is None:
+            output_router_aux_loss = self.training or labels is not None
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -990,6 +1024,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_router_aux_loss=output_router_aux_loss,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -1001,7 +1036,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if self.config.decoder_feed_forward == "moe":
+            if self.config.decoder_feed_forward == "moe" and outputs.router_aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * outputs.router_aux_loss
         return RxTCausalLMOutput(
             loss=loss,

@@ -267,6 +267,39 @@ def test_moe_routes_top_k_and_balances():
     assert counts["decoder"] - counts["decoder_active"] == layers * (4 - 2) * per_expert
 
 
+def test_moe_one_token_path_matches_the_batched_path():
+    # a decoding step (one token) calls its k experts directly; it must agree with the gather/scatter path
+    model = tiny_model(num_shared_experts=1)
+    moe = model.model.decoder.layers[0].feed_forward
+    x = torch.randn(1, 5, model.config.hidden_size)
+    with torch.no_grad():
+        batched, _ = moe(x)
+        one_by_one = torch.cat([moe(x[:, t : t + 1], output_aux_loss=False)[0] for t in range(5)], dim=1)
+        # reference: renormalised top-k router probabilities, dense over every expert
+        flat = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(moe.router(flat), -1)
+        weights, experts = probs.topk(moe.top_k, -1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        expected = moe.shared_experts[0](flat).clone()
+        for n in range(flat.shape[0]):
+            for w, e in zip(weights[n], experts[n].tolist()):
+                expected[n] += w * moe.experts[e](flat[n])
+    torch.testing.assert_close(one_by_one, batched, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(batched.reshape(-1, x.shape[-1]), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_router_aux_loss_only_when_training_or_asked():
+    model = tiny_model()
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        assert model(ids).router_aux_loss is None  # eval, no labels: inference skips the balancing loss
+        assert model(ids, output_router_aux_loss=True).router_aux_loss > 0
+        with_labels = model(ids, labels=ids)
+    assert with_labels.router_aux_loss > 0
+    model.train()
+    assert model(ids).router_aux_loss > 0
+
+
 def test_wrong_stm_state_raises_naming_the_expected_shape():
     model = tiny_model()
     ids = random_ids(2, 6)
