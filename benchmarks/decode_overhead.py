@@ -4,9 +4,11 @@ RxT reads its STM through memory cross-attention with keys/values precached once
 Llama has no memory and no history. Both answer the same query with an answer forced to full length.
 
 Reported per system: answer tokens/s over the whole `generate()` call, and decode-only tokens/s (after the first
-token: no prompt processing). With `diagnostics`, two extra RxT variants separate where the overhead comes from:
-a dense SwiGLU decoder of the active feed-forward width instead of the MoE (`rxt_dense_feed_forward`), and the
-MoE decoder with a 1-slot STM (`rxt_tiny_memory`, memory cross-attention nearly free).
+token: no prompt processing). With `diagnostics`, three extra RxT variants separate where the overhead comes
+from: a dense SwiGLU decoder of the active feed-forward width instead of the MoE (`rxt_dense_feed_forward`); an
+MoE with only as many experts as each token uses (`rxt_all_experts_active`: the same routing work, but the
+weights one step reads are the weights every step reads, as in the dense decoder); and the MoE decoder with a
+1-slot STM (`rxt_tiny_memory`, memory cross-attention nearly free).
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
                 decoder_intermediate_size=active_feed_forward_size(config),
             )
             small = build_rxt(opts["preset"], seed=seed, stm_size=1)
+            few_experts = build_rxt(opts["preset"], seed=seed, num_experts=config.num_experts_per_token)
+            systems["rxt_all_experts_active"] = (few_experts, {"stm_state": few_experts.init_memory(1), **kw})
             systems["rxt_dense_feed_forward"] = (dense, {"stm_state": dense.init_memory(1), **kw})
             systems["rxt_tiny_memory"] = (small, {"stm_state": small.init_memory(1), **kw})
         results = _time_generate_interleaved(systems, query, repeats, warmup)
@@ -102,7 +106,7 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
     payload["results"]["rxt_over_llama_generate_tokens_per_s"] = timing.ratio(
         results["rxt"]["tokens_per_s"], results["llama"]["tokens_per_s"]
     )
-    for variant in ("rxt_dense_feed_forward", "rxt_tiny_memory"):
+    for variant in ("rxt_dense_feed_forward", "rxt_all_experts_active", "rxt_tiny_memory"):
         if variant in results:
             payload["results"][f"{variant}_over_llama_decode_tokens_per_s"] = timing.ratio(
                 results[variant]["decode_tokens_per_s"], llama_rate

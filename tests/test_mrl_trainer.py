@@ -143,7 +143,8 @@ def test_bad_config_values_fail_before_training(tmp_path):
     for bad in (dict(beta=0.1), dict(curriculum_steps=[]), dict(curriculum_steps=[2, 0]),
                 dict(curriculum_starts=[0.5, 0.7]), dict(curriculum_strategies=["cumulative", "random"]),
                 dict(stm_reset_probability=1.5), dict(kl_reference="ref"), dict(freeze_schedule={"head": 0}),
-                dict(memory_reg_coef=-1.0), dict(loss_type="cispo")):
+                dict(memory_reg_coef=-1.0), dict(loss_type="cispo"), dict(reward_functions=["recall"]),
+                dict(reward_functions=[])):
         with pytest.raises(ValueError):
             MRLConfig(output_dir=str(tmp_path), curriculum_steps=bad.pop("curriculum_steps", [2, 4]), use_cpu=True,
                       **bad)
@@ -190,6 +191,32 @@ def test_episode_layout_and_group_advantages(tmp_path, mrl_data, mrl_tokenizer):
     adv = batch["advantages"]
     assert torch.allclose(adv[0] + adv[1], torch.zeros(N), atol=1e-4)
     assert "ref_per_token_logps" in batch
+
+
+def test_rewards_get_the_key_words_of_the_fact_asked_for(tmp_path, mrl_data, mrl_tokenizer):
+    seen = []
+
+    def spy(prompts, completions, answer_keywords, turn, **kwargs):
+        seen.extend(zip(prompts, answer_keywords, turn))
+        return [0.0] * len(completions)
+
+    trainer = MRLTrainer(_model(mrl_tokenizer), reward_funcs=[spy], args=_args(tmp_path, kl_coef=0.0),
+                         train_dataset=mrl_data, processing_class=mrl_tokenizer)
+    _batch(trainer, mrl_data, step=1)
+    expected = {}
+    for row in (mrl_data[0], mrl_data[1]):
+        for t, (turn, kws) in enumerate(zip(row["interactions"], row["answer_keywords"]), start=1):
+            expected[turn["query"], t] = kws
+    assert seen and all(list(kws) == list(expected[query, t]) for query, kws, t in seen)
+    assert any(kws for _, kws, _ in seen)  # the long-range turns ask for facts
+
+
+def test_reward_functions_by_name(tmp_path, mrl_data, mrl_tokenizer):
+    trainer = _trainer(tmp_path, mrl_data, mrl_tokenizer, kl_coef=0.0, reward_functions=["keyword_recall", "length"],
+                       reward_weights=[1.0, 0.2])
+    assert trainer.reward_func_names == ["keyword_recall_reward", "length"]
+    _batch(trainer, mrl_data, step=1)
+    assert math.isfinite(trainer._metrics["train"]["rewards/keyword_recall_reward/mean"][-1])
 
 
 def _loss_grads(trainer, batch):

@@ -13,6 +13,7 @@ from torch import nn
 from trainers.rewards import (
     CombinedReward,
     embedding_similarity_reward,
+    keyword_recall_reward,
     length_reward,
     make_bleu_reward,
     make_length_reward,
@@ -196,3 +197,16 @@ def test_combined_reward_weights_components_and_validation():
     bad = CombinedReward({"a": 1.0}, {"a": lambda prompts, completions, **kw: [1.0]})
     with pytest.raises(ValueError):
         bad(["p", "p"], ["x", "y"])
+
+
+def test_keyword_recall_reward_counts_whole_key_words():
+    completions = ["You painted your bicycle crimson.", "It was crimson red", "a bicycle", "hello", "anything"]
+    keywords = [["bicycle", "crimson"], ["crimson"], ["bicycle", "Crimson"], ["crimson"], []]
+    assert keyword_recall_reward(None, completions, answer_keywords=keywords) == [1.0, 1.0, 0.5, 0.0, None]
+    assert keyword_recall_reward(None, ["crimsonish"], answer_keywords=[["crimson"]]) == [0.0]  # whole words only
+    assert keyword_recall_reward(None, [[{"role": "assistant", "content": "Old Mill"}]],
+                                 answer_keywords=[["old mill"]]) == [1.0]
+    with pytest.raises(KeyError, match="answer_keywords"):
+        keyword_recall_reward(None, ["x"])
+    with pytest.raises(ValueError, match="2 answer_keywords lists for 1 completions"):
+        keyword_recall_reward(None, ["x"], answer_keywords=[[], []])

@@ -83,7 +83,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from .data import _encode_texts, _frame, special_ids
-from .rewards import length_reward, memory_bleu_reward, reference_bleu_reward
+from .rewards import REWARDS_BY_NAME
 from .smat_trainer import SMAT_COMPONENTS, component_parameters, resolve_schedule_step
 
 __all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo_loss"]
@@ -91,6 +91,7 @@ __all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo
 STRATEGIES = ("cumulative", "long-range")
 KL_REFERENCES = ("previous", "initial")
 LOSS_TYPES = ("grpo", "bnpo", "dapo")
+DEFAULT_REWARDS = ("reference_bleu", "memory_bleu", "length")
 
 
 def _default_freeze() -> dict[str, int | float | None]:
@@ -166,6 +167,12 @@ class MRLConfig(GRPOConfig):
     max_interaction_length: int = field(
         default=128, metadata={"help": "Maximum tokens of one interaction ([BOS][Q] query [A] answer [EOS])."}
     )
+    reward_functions: list[str] | None = field(
+        default=None,
+        metadata={"help": "Names of the reward functions when the trainer gets no reward_funcs: any of "
+                          "'reference_bleu', 'memory_bleu', 'length', 'keyword_recall' (weighted by reward_weights). "
+                          "None: ['reference_bleu', 'memory_bleu', 'length']."},
+    )
     # changed GRPO defaults
     loss_type: str = field(default="grpo", metadata={"help": "'grpo' (per-answer token mean), 'bnpo' / 'dapo' "
                                                              "(token mean over the batch)."})
@@ -239,6 +246,11 @@ class MRLConfig(GRPOConfig):
             fail("freeze_schedule", self.freeze_schedule, "it trains nothing; give a component a start step.")
         if not is_int(self.max_interaction_length) or self.max_interaction_length < 8:
             fail("max_interaction_length", self.max_interaction_length, "it must be an int >= 8.")
+        if self.reward_functions is not None:
+            names = self.reward_functions
+            if isinstance(names, str) or not names or any(n not in REWARDS_BY_NAME for n in names):
+                fail("reward_functions", names, f"give a non-empty list of names from {sorted(REWARDS_BY_NAME)}.")
+            self.reward_functions = list(names)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -402,8 +414,10 @@ class MRLTrainer(GRPOTrainer):
     optional ``recall_distance`` per follow-up and ``conversation_id``), e.g. from
     ``build_synthetic_dataset("multi-turn", ...)``. ``reward_funcs`` are TRL reward functions; they receive
     the columns ``answer`` (reference text), ``reference_ids``, ``memory`` / ``memory_ids`` (the remembered
-    interaction a recall question refers to, else ``None``), ``recall_distance``, ``turn`` and ``query``.
-    Default: ``[reference_bleu_reward, memory_bleu_reward, length_reward]``. See the module docstring for the
+    interaction a recall question refers to, else ``None``), ``answer_keywords`` (the key words of the fact it
+    asks for, ``[]`` for none), ``recall_distance``, ``turn`` and ``query``.
+    Default: the functions ``args.reward_functions`` names (``[reference_bleu_reward, memory_bleu_reward,
+    length_reward]`` when None). See the module docstring for the
     episode, the loss and the overridden TRL 1.16.0 private methods.
 
     Example:
@@ -455,7 +469,7 @@ class MRLTrainer(GRPOTrainer):
             raise ValueError(f"train_dataset lacks the multi-turn columns {missing}; build it with "
                              "build_synthetic_dataset('multi-turn', ...) or load_rxt_dataset(..., kind='multi-turn').")
         if reward_funcs is None:
-            reward_funcs = [reference_bleu_reward, memory_bleu_reward, length_reward]
+            reward_funcs = [REWARDS_BY_NAME[n] for n in (args.reward_functions or DEFAULT_REWARDS)]
         from peft import PeftModel  # noqa: PLC0415 (import only when needed)
 
         self._is_peft = isinstance(model, PeftModel) or kwargs.get("peft_config") is not None
@@ -508,10 +522,12 @@ class MRLTrainer(GRPOTrainer):
     # --- episodes ------------------------------------------------------------------------------------
 
     def _episode_rows(self, row: dict, num_steps: int) -> list[dict]:
-        turns = [{"query": row["query"], "answer": row["answer"]}, *list(row["interactions"] or [])]
+        turns = [{"query": row["query"], "answer": row["answer"]}, *[dict(t) for t in row["interactions"] or []]]
         dist = [0, *list(row.get("recall_distance") or [0] * (len(turns) - 1))]
-        for t, d in enumerate(dist):
+        keywords = [[], *list(row.get("answer_keywords") or [[]] * (len(turns) - 1))]
+        for t, (d, kws) in enumerate(zip(dist, keywords)):
             turns[t]["distance"] = int(d or 0)
+            turns[t]["keywords"] = list(kws or [])
         return turns[: num_steps + 1]
 
     def _initial_stm(self, model, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -635,7 +651,7 @@ class MRLTrainer(GRPOTrainer):
             reward_inputs.append({
                 "query": turn["query"], "answer": turn["answer"], "reference_ids": a_ids[r, t],
                 "memory": (remembered["query"] + " " + remembered["answer"]) if remembered else None,
-                "memory_ids": mem_tokens, "recall_distance": d, "turn": t,
+                "memory_ids": mem_tokens, "recall_distance": d, "turn": t, "answer_keywords": turn["keywords"],
             })
             prompts.append(turn["query"])
             clean = [s for s in completions[r, t] if s not in (ids["eos"], ids["pad"])]

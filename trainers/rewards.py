@@ -19,6 +19,9 @@ The rewards of the MRL recipe (the configurable weighted sum of the RxT paper's 
 - :func:`embedding_similarity_reward`: a factory for the cosine similarity of the mean token embeddings of
   completion and reference (``embedding`` is the model's shared ``nn.Embedding``);
 - :data:`length_reward`: ``max(0, 1 - |len(completion) - len(reference)| / len(reference))``;
+- :func:`keyword_recall_reward`: the fraction of the remembered fact's key words (``answer_keywords``, the
+  words the evaluation's recall accuracy checks) that the completion contains; ``None`` for a turn that asks
+  for no fact;
 - :class:`CombinedReward`: their weighted sum, keeping the last per-component values for logging.
 
 Build variants with :func:`make_bleu_reward` and :func:`make_length_reward`; any function with the signature
@@ -35,12 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .evaluation import keywords_match
 from .tensorbleu import SMOOTHING_METHODS, pad_sequences, tensor_sentence_bleu
 
 __all__ = [
     "CombinedReward",
     "RewardFunction",
     "embedding_similarity_reward",
+    "keyword_recall_reward",
     "length_reward",
     "make_bleu_reward",
     "make_length_reward",
@@ -325,6 +330,39 @@ def make_length_reward(
 
 length_reward = make_length_reward()
 """Length reward against the reference answer (``reference_ids`` or its text), no tolerance."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Key words of the remembered fact
+# --------------------------------------------------------------------------------------------------
+
+
+def keyword_recall_reward(prompts, completions, answer_keywords=None, **kwargs) -> list[float | None]:
+    """Fraction of the key words in ``answer_keywords`` (one list per completion) found in the completion text
+    as whole words, case-insensitively (the test of :func:`trainers.evaluation.keywords_match`); ``None`` where
+    a completion has no key words (the turn recalls nothing)."""
+    if answer_keywords is None:
+        raise KeyError("keyword_recall_reward needs the dataset column answer_keywords (one list per completion)")
+    if len(answer_keywords) != len(completions):
+        raise ValueError(f"got {len(answer_keywords)} answer_keywords lists for {len(completions)} completions")
+    out: list[float | None] = []
+    for completion, keywords in zip(completions, answer_keywords):
+        keywords = [k for k in (keywords or []) if str(k).strip()]
+        if not keywords:
+            out.append(None)
+            continue
+        text = _completion_text(completion)
+        out.append(sum(keywords_match(text, [k]) for k in keywords) / len(keywords))
+    return out
+
+
+REWARDS_BY_NAME: dict[str, RewardFunction] = {
+    "reference_bleu": reference_bleu_reward,
+    "memory_bleu": memory_bleu_reward,
+    "length": length_reward,
+    "keyword_recall": keyword_recall_reward,
+}
+"""The reward functions a config can name (``MRLConfig.reward_functions``)."""
 
 
 # --------------------------------------------------------------------------------------------------
