@@ -309,12 +309,19 @@ class RxTMoE(nn.Module):
             for slot, expert_idx in enumerate(top_experts[0].tolist()):
                 expert_out = self.experts[expert_idx](flat) * top_weights[:, slot, None]
                 output = expert_out if output is None else output + expert_out
-        else:
-            output = torch.zeros_like(flat)
-            for expert_idx in top_experts.unique().tolist():  # only experts that received tokens
-                token_idx, slot = torch.where(top_experts == expert_idx)
-                expert_out = self.experts[expert_idx](flat[token_idx]) * top_weights[token_idx, slot, None]
-                output.index_add_(0, token_idx, expert_out)
+        else:  # sort the N * k assignments by expert: each expert reads one contiguous slice
+            assigned = top_experts.reshape(-1)  # [N * k]
+            order = assigned.argsort(stable=True)
+            token_idx = order // self.top_k  # token of each sorted assignment
+            counts = torch.bincount(assigned, minlength=self.num_experts).tolist()
+            routed = flat[token_idx]  # [N * k, D]
+            pieces, start = [], 0
+            for expert_idx, count in enumerate(counts):
+                if count:  # only experts that received tokens
+                    pieces.append(self.experts[expert_idx](routed[start : start + count]))
+                start += count
+            expert_out = torch.cat(pieces) * top_weights.reshape(-1)[order, None]
+            output = torch.zeros_like(flat).index_add_(0, token_idx, expert_out)
         for shared in self.shared_experts:
             output = output + shared(flat)
         aux_loss = self.load_balancing_loss(logits, top_experts, token_mask) if output_aux_loss else None
