@@ -28,7 +28,7 @@ from .common import DEFAULT_PRESET, build_rxt, random_tokens
 NAME = "attention-variants"
 DESCRIPTION = "Encoder forward time at 1k/4k/8k tokens for MHA, GQA, MQA, sSQA, SQA and xSQA of the same hidden size."
 DEFAULTS = dict(
-    preset=DEFAULT_PRESET, lengths=(1024, 4096, 8192), target_lengths=(4096, 8192), repeats=3, warmup=1, warmup_max_length=2048
+    preset=DEFAULT_PRESET, lengths=(1024, 4096, 8192), target_lengths=(4096, 8192), repeats=5, warmup=1, warmup_max_length=2048
 )
 SMOKE = {**DEFAULTS, "lengths": (32, 64), "target_lengths": (64,), "repeats": 1, "warmup": 1}
 VARIANTS = ("MHA", "GQA", "MQA", "sSQA", "SQA", "xSQA")

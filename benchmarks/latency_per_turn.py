@@ -46,7 +46,7 @@ DESCRIPTION = (
     "Per-turn latency of a multi-turn conversation: RxT (fixed-size memory) vs a same-size stateless Llama "
     "re-reading the history (a) or keeping its KV cache (b)."
 )
-DEFAULTS = dict(preset=DEFAULT_PRESET, turns=32, query_length=32, answer_length=64, repeats=3, warmup=1)
+DEFAULTS = dict(preset=DEFAULT_PRESET, turns=32, query_length=32, answer_length=64, repeats=5, warmup=1)
 SMOKE = {**DEFAULTS, "turns": 3, "query_length": 8, "answer_length": 4, "repeats": 1, "warmup": 1}
 SYSTEMS = ("rxt", "stateless_full_history", "stateless_kv_cache")
 LABELS = {
