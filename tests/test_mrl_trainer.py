@@ -19,6 +19,7 @@ from trainers.mrl_trainer import (
     impo_loss,
     rewarded_turns,
 )
+from trainers.mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from trainers.synthetic_data import build_synthetic_dataset
 
 
@@ -144,7 +145,8 @@ def test_bad_config_values_fail_before_training(tmp_path):
                 dict(curriculum_starts=[0.5, 0.7]), dict(curriculum_strategies=["cumulative", "random"]),
                 dict(stm_reset_probability=1.5), dict(kl_reference="ref"), dict(freeze_schedule={"head": 0}),
                 dict(memory_reg_coef=-1.0), dict(loss_type="cispo"), dict(reward_functions=["recall"]),
-                dict(reward_functions=[])):
+                dict(reward_functions=[]), dict(advantage_estimator="gae"), dict(critic_learning_rate=0.0),
+                dict(critic_epochs=0)):
         with pytest.raises(ValueError):
             MRLConfig(output_dir=str(tmp_path), curriculum_steps=bad.pop("curriculum_steps", [2, 4]), use_cpu=True,
                       **bad)
@@ -287,3 +289,62 @@ def test_tiny_run_logs_metrics_saves_and_resumes(tmp_path, mrl_data, mrl_tokeniz
     assert isinstance(reloaded, RxTForCausalLM)
     assert os.path.isfile(out / "final" / "config.json")
     json.loads((out / "final" / "config.json").read_text())
+
+
+# --- memory-aware critic ----------------------------------------------------------------------------------
+
+
+def test_critic_advantages_and_explained_variance():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    values = torch.tensor([0.5, 0.5, 1.0, 1.0])
+    raw = critic_advantages(rewards, values, scale_rewards="none")
+    assert torch.allclose(raw, torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    # a group with equal rewards keeps reward - V (no division by its zero std)
+    scaled = critic_advantages(rewards, values, scale_rewards="group")
+    assert torch.allclose(scaled, raw / (rewards.std() + 1e-4))
+    with_nan = critic_advantages(torch.tensor([1.0, float("nan")]), torch.zeros(2), scale_rewards="none")
+    assert with_nan.tolist() == [1.0, 0.0]
+    assert explained_variance(rewards, rewards) == pytest.approx(1.0)
+    assert explained_variance(torch.full((4,), rewards.mean().item()), rewards) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="one shape"):
+        critic_advantages(rewards, values[:2])
+
+
+def test_critic_reads_the_memory_and_copies_no_weights(mrl_tokenizer):
+    policy = _model(mrl_tokenizer)
+    critic = MemoryAwareCritic(policy)
+    torch.nn.init.normal_(critic.value_head.weight, std=1.0)
+    ids = torch.randint(5, len(mrl_tokenizer), (2, 7))
+    mask = torch.ones_like(ids)
+    stm = policy.init_memory(2)
+    other = stm + torch.randn_like(stm)
+    values = critic(ids, mask, stm)
+    assert values.shape == (2,)
+    assert not torch.allclose(values, critic(ids, mask, other))  # V depends on the STM
+    # own parameters: training the critic leaves the policy untouched
+    assert all(p.data_ptr() != q.data_ptr() for p in critic.parameters() for q in policy.parameters())
+
+
+def test_critic_advantage_run_fits_the_critic_and_checkpoints_it(tmp_path, mrl_data, mrl_tokenizer):
+    out = tmp_path / "critic"
+    kw = dict(max_steps=3, save_strategy="steps", save_steps=2, advantage_estimator="critic",
+              critic_learning_rate=1e-2, critic_epochs=2, curriculum_steps=[1, 3], kl_coef=0.0)
+    trainer = _trainer(out, mrl_data, mrl_tokenizer, **kw)
+    head_before = trainer.critic.value_head.bias.detach().clone()
+    policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batch = _batch(trainer, mrl_data, step=1)
+    # the advantages are reward - V, not centred per group: V started at 0, so they carry the rewards' sign
+    assert not torch.equal(trainer.critic.value_head.bias.detach(), head_before)  # fitted on this round
+    assert batch["advantages"][batch["scored"]].ge(0).all()
+    assert all(torch.equal(policy_before[k], v) for k, v in trainer.model.state_dict().items())
+    _quiet_train(trainer)
+    logs = [rec for rec in trainer.state.log_history if "loss" in rec]
+    assert all(k in logs[-1] for k in ("critic/loss", "critic/value_mean", "critic/explained_variance"))
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "critic.pt").is_file()
+    saved = torch.load(ckpt / "critic.pt", weights_only=True)["critic"]
+    resumed = _trainer(out, mrl_data, mrl_tokenizer, **{**kw, "save_strategy": "no"})
+    assert resumed.load_critic(str(ckpt))
+    assert all(torch.equal(saved[k], v) for k, v in resumed.critic.state_dict().items())
+    _quiet_train(resumed, resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 3

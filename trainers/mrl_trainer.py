@@ -61,7 +61,11 @@ per reward function (and ``rewards/<component>/mean`` from a ``CombinedReward``)
 ``kl``, ``stm_change`` (mean squared STM difference per memory update), ``memory_loss``, ``clip_fraction``,
 ``answer_length``, ``entropy``, ``policy_loss``, ``curriculum/steps``, ``curriculum/stage``, ``stm_reset``.
 
-Not implemented: the optional memory-aware critic (the advantage is always the group baseline); vLLM
+Advantage: the group baseline by default; with ``advantage_estimator="critic"`` the reward minus the memory-aware
+critic's ``V(query, STM)`` (:mod:`trainers.mrl_critic`: a copy of the policy's embedding + decoder with a value
+head, fitted by MSE to the rewards of every generation round, saved as ``critic.pt`` in each checkpoint).
+
+Not implemented: vLLM
 generation (``use_vllm`` is refused); multi-process runs with the "long-range" strategy (the number of rewarded
 turns may differ between processes; TRL's reward ``gather`` needs equal counts) - single process or
 "cumulative" only; the "previous" KL snapshot is not stored in checkpoints (after a resume it restarts from the
@@ -73,16 +77,21 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from .data import _encode_texts, _frame, special_ids
+from .mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from .rewards import REWARDS_BY_NAME
 from .smat_trainer import SMAT_COMPONENTS, component_parameters, resolve_schedule_step
 
@@ -91,6 +100,7 @@ __all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo
 STRATEGIES = ("cumulative", "long-range")
 KL_REFERENCES = ("previous", "initial")
 LOSS_TYPES = ("grpo", "bnpo", "dapo")
+ADVANTAGE_ESTIMATORS = ("group", "critic")
 DEFAULT_REWARDS = ("reference_bleu", "memory_bleu", "length")
 
 
@@ -173,6 +183,17 @@ class MRLConfig(GRPOConfig):
                           "'reference_bleu', 'memory_bleu', 'length', 'keyword_recall' (weighted by reward_weights). "
                           "None: ['reference_bleu', 'memory_bleu', 'length']."},
     )
+    advantage_estimator: str = field(
+        default="group",
+        metadata={"help": "'group' (TRL's group baseline: reward minus the mean of the conversation's G rollouts) or "
+                          "'critic' (reward minus the memory-aware critic's V(query, STM), see trainers.mrl_critic)."},
+    )
+    critic_learning_rate: float = field(
+        default=1e-4, metadata={"help": "AdamW learning rate of the memory-aware critic (advantage_estimator='critic')."}
+    )
+    critic_epochs: int = field(
+        default=1, metadata={"help": "Critic updates (full-batch MSE steps) per generation round."}
+    )
     # changed GRPO defaults
     loss_type: str = field(default="grpo", metadata={"help": "'grpo' (per-answer token mean), 'bnpo' / 'dapo' "
                                                              "(token mean over the batch)."})
@@ -246,6 +267,13 @@ class MRLConfig(GRPOConfig):
             fail("freeze_schedule", self.freeze_schedule, "it trains nothing; give a component a start step.")
         if not is_int(self.max_interaction_length) or self.max_interaction_length < 8:
             fail("max_interaction_length", self.max_interaction_length, "it must be an int >= 8.")
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            fail("advantage_estimator", self.advantage_estimator, f"choose one of {ADVANTAGE_ESTIMATORS}.")
+        if (not isinstance(self.critic_learning_rate, (int, float)) or isinstance(self.critic_learning_rate, bool)
+                or not self.critic_learning_rate > 0 or not math.isfinite(self.critic_learning_rate)):
+            fail("critic_learning_rate", self.critic_learning_rate, "it must be a finite number > 0.")
+        if not is_int(self.critic_epochs) or self.critic_epochs < 1:
+            fail("critic_epochs", self.critic_epochs, "it must be an int >= 1.")
         if self.reward_functions is not None:
             names = self.reward_functions
             if isinstance(names, str) or not names or any(n not in REWARDS_BY_NAME for n in names):
@@ -407,6 +435,19 @@ def _pad(seqs: list[list[int]], pad: int, left: bool = False, length: int | None
     return ids, mask
 
 
+class _CriticCheckpoint(TrainerCallback):
+    """Saves the memory-aware critic into every ``checkpoint-N`` folder the Trainer writes."""
+
+    def __init__(self, trainer: "MRLTrainer"):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            self.trainer.save_critic(folder)
+        return control
+
+
 class MRLTrainer(GRPOTrainer):
     """Memory Reinforcement Learning (stage 5) with IMPO, as a ``trl.GRPOTrainer`` over conversations.
 
@@ -485,15 +526,73 @@ class MRLTrainer(GRPOTrainer):
                 param.requires_grad_(False)
         self.curriculum = MRLCurriculum(args)
         self._ids = special_ids(processing_class)
+        # The optional memory-aware critic: its own copy of embedding + decoder, its own optimizer.
+        self.critic = MemoryAwareCritic(model) if args.advantage_estimator == "critic" else None
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         if self._kl_model is not None:
             self._kl_model.to(self.accelerator.device)
+        self.critic_optimizer = None
+        if self.critic is not None:
+            self.critic.to(self.accelerator.device)
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_learning_rate)
+            self.add_callback(_CriticCheckpoint(self))
         self._reset_generator = torch.Generator().manual_seed(int(args.seed) + 17)
         self.freeze_steps = {
             name: resolve_schedule_step(args.freeze_schedule.get(name), max(args.max_steps, 1))
             for name in SMAT_COMPONENTS
         }
+
+    # --- critic --------------------------------------------------------------------------------------
+
+    CRITIC_FILE = "critic.pt"
+
+    def save_critic(self, folder: str) -> None:
+        """Write the critic and its optimizer state to ``folder/critic.pt``."""
+        state = {"critic": self.critic.state_dict(), "optimizer": self.critic_optimizer.state_dict()}
+        torch.save(state, os.path.join(folder, self.CRITIC_FILE))
+
+    def load_critic(self, folder: str) -> bool:
+        """Restore the critic from ``folder/critic.pt``; False if the checkpoint has none (it then starts fresh)."""
+        path = os.path.join(folder, self.CRITIC_FILE)
+        if not os.path.isfile(path):
+            return False
+        state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        self.critic.load_state_dict(state["critic"])
+        self.critic_optimizer.load_state_dict(state["optimizer"])
+        return True
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if self.critic is not None and resume_from_checkpoint:
+            folder = resume_from_checkpoint
+            if folder is True:
+                folder = get_last_checkpoint(self.args.output_dir)
+            if folder and not self.load_critic(folder):
+                warnings.warn(f"{folder} holds no {self.CRITIC_FILE}; the memory-aware critic starts fresh.",
+                              stacklevel=2)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _critic_values(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, stm: torch.Tensor,
+                       rewards: torch.Tensor, fit: bool) -> torch.Tensor:
+        """V for the scored answers (before fitting), then ``critic_epochs`` MSE steps on the finite rewards."""
+        self.critic.eval()
+        values = self.critic(prompt_ids, prompt_mask, stm)
+        if fit:
+            keep = torch.isfinite(rewards)
+            target = rewards[keep].to(values.device, torch.float32)
+            self.critic.train()
+            with torch.enable_grad():
+                for _ in range(self.args.critic_epochs):
+                    loss = F.mse_loss(self.critic(prompt_ids[keep], prompt_mask[keep], stm[keep]), target)
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)
+                    self.critic_optimizer.step()
+            self._metrics["train"]["critic/loss"].append(loss.item())
+        metrics = self._metrics["train" if fit else "eval"]
+        metrics["critic/value_mean"].append(values.mean().item())
+        metrics["critic/explained_variance"].append(explained_variance(values.cpu(), rewards.cpu()))
+        return values
 
     # --- freezing ------------------------------------------------------------------------------------
 
@@ -585,6 +684,7 @@ class MRLTrainer(GRPOTrainer):
         completions: dict[tuple[int, int], list[int]] = {}
         mem_seqs: dict[tuple[int, int], list[int]] = {}
         prompts_tok: dict[tuple[int, int], list[int]] = {}
+        states: dict[tuple[int, int], torch.Tensor] = {}  # the STM each scored answer read (for the critic)
         gen_kwargs = dict(do_sample=True, max_new_tokens=self.max_completion_length, temperature=self.temperature,
                           top_p=self.top_p, top_k=self.top_k or None, pad_token_id=ids["pad"],
                           eos_token_id=ids["eos"])
@@ -597,6 +697,8 @@ class MRLTrainer(GRPOTrainer):
                     full, _, qlen = _frame(q_ids[r, t], [], max_len - self.max_completion_length, ids)
                     prompt.append(full[:qlen])  # [BOS][Q] query [A]
                     prompts_tok[r, t] = full[:qlen]
+                    if self.critic is not None:
+                        states[r, t] = stm[r]
                 p_ids, p_mask = _pad(prompt, ids["pad"], left=True)
                 p_ids, p_mask = p_ids.to(device), p_mask.to(device)
                 out = unwrapped.generate(p_ids, attention_mask=p_mask, stm_state=stm[rows], **gen_kwargs)
@@ -662,7 +764,14 @@ class MRLTrainer(GRPOTrainer):
         unscorable = torch.isnan(rewards_per_func).all(dim=1)
         rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
         rewards[unscorable] = torch.nan
-        adv_flat = group_advantages(rewards, G, self.scale_rewards)
+        if self.critic is None:
+            adv_flat = group_advantages(rewards, G, self.scale_rewards)
+        else:
+            c_ids, c_mask = _pad([prompts_tok[k] for k in order], ids["pad"], left=True)
+            c_stm = torch.stack([states[k] for k in order])
+            values = self._critic_values(c_ids.to(device), c_mask.to(device), c_stm, rewards.to(device),
+                                         fit=mode == "train")
+            adv_flat = critic_advantages(rewards, values.to(rewards.device), self.scale_rewards)
         advantages = torch.zeros((R, N), dtype=torch.float32)
         for (r, t), a in zip(order, adv_flat.tolist()):
             advantages[r, t] = a
