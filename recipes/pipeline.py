@@ -133,9 +133,8 @@ def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Pa
     if stage.trainer == "mrl":
         trainer = stage.trainer_class(model=model, args=args, train_dataset=train, processing_class=tokenizer)
         has_checkpoint = resume and any(folder.glob("checkpoint-*"))
-        metrics = trainer.train(resume_from_checkpoint=True if has_checkpoint else None).metrics
-        trainer.save_model(str(folder))
-        tokenizer.save_pretrained(folder)
+        trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+        trainer.save_rxt_model(str(folder))
         return folder
     trainer = stage.trainer_class(
         model=model,

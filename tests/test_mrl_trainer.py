@@ -348,3 +348,20 @@ def test_critic_advantage_run_fits_the_critic_and_checkpoints_it(tmp_path, mrl_d
     assert all(torch.equal(saved[k], v) for k, v in resumed.critic.state_dict().items())
     _quiet_train(resumed, resume_from_checkpoint=str(ckpt))
     assert resumed.state.global_step == 3
+
+
+def test_shared_memory_update_matches_per_row_updates(tmp_path, mrl_data, mrl_tokenizer):
+    trainer = _trainer(tmp_path, mrl_data, mrl_tokenizer, kl_coef=0.0)
+    batch = _batch(trainer, mrl_data, step=1)
+    assert batch["memory_group"].tolist() == [0, 0, 1, 1]  # reference answers in memory: one STM per conversation
+    model = trainer.model
+    shared_lp, _, shared_mse = trainer._episode_logps(model, batch)
+    alone_lp, _, alone_mse = trainer._episode_logps(model, {**batch, "memory_group": None})
+    assert torch.allclose(shared_lp, alone_lp, atol=1e-5) and torch.allclose(shared_mse, alone_mse, atol=1e-6)
+    # after TRL's shuffling the groups are found by id, not by position
+    perm = torch.tensor([2, 0, 3, 1])
+    shuffled = {k: v[perm] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+    assert torch.allclose(trainer._episode_logps(model, shuffled)[0], shared_lp[perm], atol=1e-5)
+    # own answers in memory: every rollout keeps its own STM
+    own = _trainer(tmp_path / "own", mrl_data, mrl_tokenizer, kl_coef=0.0, own_answers_from_stage=0)
+    assert _batch(own, mrl_data, step=1)["memory_group"].tolist() == [0, 1, 2, 3]

@@ -94,8 +94,9 @@ from .data import _encode_texts, _frame, special_ids
 from .mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from .rewards import REWARDS_BY_NAME
 from .smat_trainer import SMAT_COMPONENTS, component_parameters, resolve_schedule_step
+from .trl_stage import RxTStageMixin
 
-__all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo_loss"]
+__all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo_loss", "shared_memory_update"]
 
 STRATEGIES = ("cumulative", "long-range")
 KL_REFERENCES = ("previous", "initial")
@@ -201,6 +202,15 @@ class MRLConfig(GRPOConfig):
     bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers (transformers)."})
+
+    def summary(self) -> dict[str, Any]:
+        """The hyper-parameters recorded in the stage history / model card."""
+        keys = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "num_generations", "max_completion_length", "temperature", "curriculum_steps", "curriculum_starts",
+                "curriculum_strategies", "long_range_min_distance", "own_answers_from_stage", "stm_reset_probability",
+                "memory_reg_coef", "kl_coef", "kl_reference", "freeze_schedule", "reward_functions", "reward_weights",
+                "advantage_estimator", "scale_rewards", "loss_type", "epsilon", "lr_scheduler_type", "seed")
+        return {k: getattr(self, k) for k in keys}
 
     def __post_init__(self):
         if isinstance(self.freeze_schedule, str):
@@ -419,6 +429,22 @@ def impo_loss(
 # trainer
 
 
+def shared_memory_update(model, stm: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         memory_group: torch.Tensor | None) -> torch.Tensor:
+    """``model.update_memory`` computed once per ``memory_group`` (rows with one id share STM and interaction,
+    e.g. the G rollouts of a conversation) and copied to the group's rows; gradients flow to the shared update.
+    ``memory_group`` ``[R]`` (any order, as after TRL's shuffling) or None (every row on its own)."""
+    if memory_group is None:
+        return model.update_memory(stm, input_ids, attention_mask)
+    groups, inverse = torch.unique(memory_group, return_inverse=True)
+    if groups.numel() == memory_group.numel():
+        return model.update_memory(stm, input_ids, attention_mask)
+    rows = torch.arange(memory_group.numel(), device=memory_group.device)
+    first = torch.full_like(groups, memory_group.numel()).scatter_reduce(0, inverse, rows, "amin")  # [groups]
+    new = model.update_memory(stm[first], input_ids[first], attention_mask[first])  # [groups, L, S, D]
+    return new[inverse]  # [R, L, S, D]
+
+
 def _pad(seqs: list[list[int]], pad: int, left: bool = False, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     length = max([len(s) for s in seqs] + [1]) if length is None else length
     ids = torch.full((len(seqs), length), pad, dtype=torch.long)
@@ -448,7 +474,7 @@ class _CriticCheckpoint(TrainerCallback):
         return control
 
 
-class MRLTrainer(GRPOTrainer):
+class MRLTrainer(RxTStageMixin, GRPOTrainer):
     """Memory Reinforcement Learning (stage 5) with IMPO, as a ``trl.GRPOTrainer`` over conversations.
 
     ``train_dataset`` holds multi-turn rows (``query``, ``answer``, ``interactions: [{query, answer}]``,
@@ -493,6 +519,7 @@ class MRLTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "rxt", "mrl"]
     _name = "MRL"
+    stage_name = "mrl"
 
     def __init__(self, model, reward_funcs=None, args: MRLConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, **kwargs):
@@ -514,6 +541,7 @@ class MRLTrainer(GRPOTrainer):
         from peft import PeftModel  # noqa: PLC0415 (import only when needed)
 
         self._is_peft = isinstance(model, PeftModel) or kwargs.get("peft_config") is not None
+        self.start_stage_record(self._is_peft)
         if not self._is_peft:
             # Every parameter trainable while the optimizer is built; the schedule freezes per step.
             for param in model.parameters():
@@ -542,6 +570,12 @@ class MRLTrainer(GRPOTrainer):
             name: resolve_schedule_step(args.freeze_schedule.get(name), max(args.max_steps, 1))
             for name in SMAT_COMPONENTS
         }
+
+    def data_description(self) -> str:
+        data = self.train_dataset
+        size = len(data) if hasattr(data, "__len__") else "streamed"
+        return (f"Multi-turn conversations ({size} training conversations), rolled out as MRL episodes of "
+                f"{'/'.join(str(s) for s in self.curriculum.steps)} follow-up interactions.")
 
     # --- critic --------------------------------------------------------------------------------------
 
@@ -680,6 +714,9 @@ class MRLTrainer(GRPOTrainer):
         a_ids = {rt: enc[len(flat) + i] for i, rt in enumerate(flat)}
 
         stm, reset = self._initial_stm(unwrapped, R // G)
+        # With reference answers in memory the G rollouts of a conversation share every STM: update it once per
+        # conversation. With their own answers each rollout has its own memory.
+        memory_group = torch.arange(R, device=device) if own else torch.arange(R, device=device) // G
         initial_stm = stm.clone()
         completions: dict[tuple[int, int], list[int]] = {}
         mem_seqs: dict[tuple[int, int], list[int]] = {}
@@ -718,7 +755,7 @@ class MRLTrainer(GRPOTrainer):
             if t < N - 1:
                 m_ids, m_mask = _pad([mem_seqs.get((r, t), []) for r in range(R)], ids["pad"])
                 m_ids, m_mask = m_ids.to(device), m_mask.to(device)
-                new_stm = unwrapped.update_memory(stm, m_ids, m_mask)
+                new_stm = shared_memory_update(unwrapped, stm, m_ids, m_mask, memory_group)
                 keep = torch.tensor([t < len(e) for e in episodes], device=device).view(-1, *[1] * (stm.dim() - 1))
                 stm = torch.where(keep, new_stm, stm)
         unwrapped.train(was_training)
@@ -808,6 +845,7 @@ class MRLTrainer(GRPOTrainer):
             "seq_ids": seq_ids.to(device), "seq_mask": seq_mask.to(device),
             "completion_mask": completion_mask.to(device),
             "advantages": advantages.to(device),
+            "memory_group": memory_group,
         }
         if self.num_iterations > 1:
             batch["old_per_token_logps"] = self._episode_logps(unwrapped, batch)[0].detach()
@@ -848,7 +886,8 @@ class MRLTrainer(GRPOTrainer):
                 index.append((rows, t))
             if t < last:
                 keep = present[:, t]
-                new = model.update_memory(stm, inputs["mem_ids"][:, t], inputs["mem_mask"][:, t])
+                new = shared_memory_update(model, stm, inputs["mem_ids"][:, t], inputs["mem_mask"][:, t],
+                                           inputs.get("memory_group"))
                 if keep.any():
                     mse_terms.append(((new - stm) ** 2)[keep].mean())
                 stm = torch.where(keep.view(-1, *[1] * (stm.dim() - 1)), new, stm)

@@ -62,12 +62,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +73,7 @@ from trl import DPOConfig, DPOTrainer
 from .data import IGNORE_INDEX, _encode_texts, _frame, special_ids
 from .preference_data import check_preference_row
 from .smat_trainer import SMAT_COMPONENTS, component_parameters
+from .trl_stage import RxTStageMixin, is_peft_model
 
 __all__ = [
     "DECODER_ATTENTION_LORA_TARGETS",
@@ -96,14 +93,6 @@ TOKENIZED_COLUMNS = ("turn_query_ids", "turn_chosen_ids", "turn_rejected_ids")
 # LoRA on the decoder's self-attention and memory cross-attention projections (not the encoder / memory attention,
 # so the memory the policy writes stays that of the reference).
 DECODER_ATTENTION_LORA_TARGETS = r".*decoder\.layers\.\d+\.(self_attn|memory_cross_attn)\.(q_proj|k_proj|v_proj|o_proj)"
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
 
 
 def decoder_lora_config(r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0, target_modules=None):
@@ -437,7 +426,7 @@ def score_conversations(model, batch: Mapping[str, Any], forward_model=None) -> 
 
 
 def _base_config(model):
-    base = model.get_base_model() if _is_peft(model) else model
+    base = model.get_base_model() if is_peft_model(model) else model
     return getattr(base, "config", None)
 
 
@@ -447,7 +436,7 @@ def _reference(model, ref_model):
     context each time (``use_adapter`` contexts are single-use)."""
     if ref_model is not None:
         return ref_model, contextlib.nullcontext
-    if not _is_peft(model):
+    if not is_peft_model(model):
         raise ValueError("ref_model is None but the model is not a PEFT model: pass the frozen reference model "
                          "(e.g. the model before training).")
     from trl.trainer.utils import use_adapter
@@ -559,7 +548,7 @@ def format_preference_table(before: Mapping[str, Any] | None, after: Mapping[str
 # trainer
 
 
-class RxRLHFTrainer(DPOTrainer):
+class RxRLHFTrainer(RxTStageMixin, DPOTrainer):
     """Memory-aware DPO (stage 6) over preference conversations, as a ``trl.DPOTrainer``.
 
     ``train_dataset`` holds rows ``interactions: [{query, chosen, rejected}]`` (optional per-turn
@@ -619,10 +608,10 @@ class RxRLHFTrainer(DPOTrainer):
         config = _base_config(model)
         limit = int(config.max_position_embeddings)
         self._max_interaction_length = min(args.max_length or limit, limit)
-        if peft_config is None and args.lora_r is not None and not _is_peft(model):
+        if peft_config is None and args.lora_r is not None and not is_peft_model(model):
             peft_config = decoder_lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
                                               args.lora_target_modules)
-        self._uses_peft = peft_config is not None or _is_peft(model)
+        self._uses_peft = peft_config is not None or is_peft_model(model)
         if ref_model is None and not self._uses_peft:
             ref_model = copy.deepcopy(model)  # the starting policy (copied before TRL patches the forward)
         if ref_model is not None:
@@ -634,8 +623,7 @@ class RxRLHFTrainer(DPOTrainer):
                     param.requires_grad_(name in active)
         if data_collator is None:
             data_collator = PreferenceCollator(processing_class, max_length=self._max_interaction_length)
-        self._run_id = uuid.uuid4().hex[:12]
-        self._started = time.time()
+        self.start_stage_record(self._uses_peft)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers, peft_config=peft_config)
@@ -734,53 +722,6 @@ class RxRLHFTrainer(DPOTrainer):
         return evaluate_preferences(unwrapped, ref, dataset, self.processing_class,
                                     batch_size=batch_size or self.args.per_device_eval_batch_size,
                                     max_length=self._max_interaction_length, max_conversations=max_conversations)
-
-    def history_entry(self) -> dict[str, Any]:
-        """This stage's entry in ``rxt_training_history.json`` (the model card's curriculum table)."""
-        runtime = next((r["train_runtime"] for r in reversed(self.state.log_history) if "train_runtime" in r), None)
-        loss = next((r["loss"] for r in reversed(self.state.log_history) if "loss" in r), None)
-        args = self.args
-        return {
-            "stage": self.stage_name,
-            "trainer": type(self).__name__,
-            "run_id": self._run_id,
-            "steps": self.state.global_step,
-            "num_processes": self.accelerator.num_processes,
-            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
-            * self.accelerator.num_processes,
-            "tokens_seen": self._total_train_tokens,
-            "train_runtime_s": round(float(runtime if runtime is not None else time.time() - self._started), 1),
-            "final_loss": loss,
-            "config": {**args.summary(), "peft": self._uses_peft},
-        }
-
-    def save_rxt_model(self, output_dir: str | None = None, evaluation: dict | None = None,
-                       data_description: str | None = None) -> str:
-        """Save a complete RxT model folder: weights (LoRA adapters merged into a copy of the model), tokenizer,
-        ``rxt_training_history.json`` (the previous stages + this one) and the README model card. The folder
-        loads with ``RxTForCausalLM.from_pretrained`` / ``AutoModelForCausalLM`` (``trust_remote_code=True``) and
-        is the starting point of a later stage. (``save_model`` keeps TRL's behaviour: adapters only with PEFT.)"""
-        from .model_card import write_model_card
-        from .trainer_base import HISTORY_FILE, load_training_history
-
-        output_dir = str(output_dir or self.args.output_dir)
-        model = self.accelerator.unwrap_model(self.model)
-        if _is_peft(model):
-            model = copy.deepcopy(model).merge_and_unload()
-        previous = getattr(model, "rxt_training_history", None)
-        if previous is None:
-            previous = load_training_history(getattr(model.config, "name_or_path", None))
-        history = [e for e in previous if e.get("run_id") != self._run_id] + [self.history_entry()]
-        if self.accelerator.is_main_process:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(output_dir)
-            self.processing_class.save_pretrained(output_dir)
-            Path(output_dir, HISTORY_FILE).write_text(json.dumps(history, indent=2, default=str), encoding="utf-8")
-            write_model_card(model, output_dir, stage_history=history, evaluation=evaluation,
-                             data_description=data_description or self.data_description())
-        model.rxt_training_history = history  # a later stage in this process continues this history
-        self.accelerator.wait_for_everyone()
-        return output_dir
 
     def data_description(self) -> str:
         data = self.train_dataset
