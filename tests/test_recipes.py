@@ -29,6 +29,14 @@ TINY_RECIPE = {
             "data": {"turn_datasets": [2, 3], "recall_weight": 3.0},
             "config": {"max_steps": 3, "per_device_batch_size": 4, "max_length": 48, "turn_curriculum": [[0.0, 2], [0.5, 3]]},
         },
+        {
+            "name": "mrl",
+            "trainer": "mrl",
+            "data": {"seed": 1},  # fresh episodes, as in the default recipe
+            "config": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 4,
+                       "curriculum_steps": [2], "max_interaction_length": 48, "freeze_schedule": {"memory_attention": 0},
+                       "save_strategy": "no", "use_cpu": True, "disable_tqdm": True},
+        },
     ],
     "evaluation": {"num_conversations": 4, "num_turns": 3, "max_new_tokens": 4, "batch_size": 4},
 }
@@ -56,7 +64,9 @@ def with_changes(change):
 
 def test_default_recipe_is_valid():
     recipe = load_recipe("recipes/default.yaml")
-    assert [s.trainer for s in recipe.stages] == ["joint-lm", "joint-lm", "memory-attention", "smat"]
+    assert [s.trainer for s in recipe.stages] == ["joint-lm", "joint-lm", "memory-attention", "smat", "mrl"]
+    mrl = recipe.stages[-1]
+    assert recipe.stage_data(mrl)["seed"] != recipe.seed  # MRL episodes are not the supervised stages' conversations
 
 
 @pytest.mark.parametrize(
@@ -112,20 +122,25 @@ def test_tiny_recipe_end_to_end_restart_eval_and_chat(tmp_path, capsys, monkeypa
     path = write_recipe(tmp_path, TINY_RECIPE)
     out = tmp_path / "out"
     assert main(["train", str(path), "--output", str(out)]) == 0
-    for folder in ("tokenizer", "01-pretrain", "02-sft", "03-memory", "04-smat", "final"):
+    for folder in ("tokenizer", "01-pretrain", "02-sft", "03-memory", "04-smat", "05-mrl", "final"):
         assert (out / folder).is_dir(), folder
     summary = json.loads((out / "run_summary.json").read_text())
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert summary["final_model"].endswith("final") and "recall_accuracy" in evaluation
     card = (out / "final" / "README.md").read_text()
-    for stage in ("pretrain", "sft", "memory", "smat"):
+    for stage in ("pretrain", "sft", "memory", "smat", "mrl"):
         assert stage in card or stage.replace("pretrain", "pretraining") in card
     assert "no-memory" in card.lower() or "without memory" in card.lower()
 
-    # restart from the last stage: the earlier stages are not re-run
+    # restart from a later stage: the earlier stages are not re-run
     before = (out / "01-pretrain" / "model.safetensors").stat().st_mtime_ns
     assert main(["train", str(path), "--output", str(out), "--from-stage", "smat", "--no-eval"]) == 0
     assert (out / "01-pretrain" / "model.safetensors").stat().st_mtime_ns == before
+    # only stage 5 (MRL) from the saved SMAT model
+    smat_before = (out / "04-smat" / "model.safetensors").stat().st_mtime_ns
+    assert main(["train", str(path), "--output", str(out), "--stages", "mrl", "--no-eval"]) == 0
+    assert (out / "04-smat" / "model.safetensors").stat().st_mtime_ns == smat_before
+    assert (out / "05-mrl" / "config.json").is_file()
 
     # rxt eval writes JSON and prints the table
     capsys.readouterr()
