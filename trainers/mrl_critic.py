@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from trl.trainer.utils import nanstd
 
+from .trl_stage import is_peft_model
+
 __all__ = ["MemoryAwareCritic", "critic_advantages", "explained_variance"]
 
 
@@ -32,7 +34,7 @@ class MemoryAwareCritic(nn.Module):
 
     def __init__(self, policy: nn.Module):
         super().__init__()
-        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        base = policy.get_base_model() if is_peft_model(policy) else policy
         backbone = base.model
         self.embed_tokens = copy.deepcopy(backbone.embed_tokens)
         self.decoder = copy.deepcopy(backbone.decoder)

@@ -94,7 +94,7 @@ from .data import _encode_texts, _frame, special_ids
 from .mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from .rewards import REWARDS_BY_NAME
 from .smat_trainer import SMAT_COMPONENTS, component_parameters, resolve_schedule_step
-from .trl_stage import RxTStageMixin
+from .trl_stage import RxTStageMixin, is_peft_model
 
 __all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo_loss", "shared_memory_update"]
 
@@ -538,9 +538,7 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                              "build_synthetic_dataset('multi-turn', ...) or load_rxt_dataset(..., kind='multi-turn').")
         if reward_funcs is None:
             reward_funcs = [REWARDS_BY_NAME[n] for n in (args.reward_functions or DEFAULT_REWARDS)]
-        from peft import PeftModel  # noqa: PLC0415 (import only when needed)
-
-        self._is_peft = isinstance(model, PeftModel) or kwargs.get("peft_config") is not None
+        self._is_peft = is_peft_model(model) or kwargs.get("peft_config") is not None
         self.start_stage_record(self._is_peft)
         if not self._is_peft:
             # Every parameter trainable while the optimizer is built; the schedule freezes per step.
