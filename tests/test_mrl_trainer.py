@@ -365,3 +365,22 @@ def test_shared_memory_update_matches_per_row_updates(tmp_path, mrl_data, mrl_to
     # own answers in memory: every rollout keeps its own STM
     own = _trainer(tmp_path / "own", mrl_data, mrl_tokenizer, kl_coef=0.0, own_answers_from_stage=0)
     assert _batch(own, mrl_data, step=1)["memory_group"].tolist() == [0, 1, 2, 3]
+
+
+def test_lora_run_trains_only_adapters(tmp_path, mrl_data, mrl_tokenizer):
+    from trainers.rxrlhf_trainer import decoder_lora_config
+
+    model = _model(mrl_tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = MRLTrainer(model, args=_args(tmp_path, max_steps=2, kl_coef=0.0, learning_rate=1e-2),
+                         train_dataset=mrl_data, processing_class=mrl_tokenizer, peft_config=decoder_lora_config(r=4))
+    _quiet_train(trainer)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    named = dict(trained.named_parameters())
+    assert all(("lora_" in n) == p.requires_grad for n, p in named.items())
+    lora_moved = any(not torch.allclose(p, torch.zeros_like(p)) for n, p in named.items() if "lora_B" in n)
+    assert lora_moved  # lora_B starts at zero
+    base = trained.get_base_model().state_dict()
+    for key, value in before.items():
+        peft_key = next((k for k in base if k.replace(".base_layer", "") == key), None)
+        assert peft_key is not None and torch.equal(base[peft_key], value), key
