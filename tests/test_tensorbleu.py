@@ -9,6 +9,7 @@ import sacrebleu
 import torch
 from sacrebleu.metrics import BLEU
 
+import trainers.tensorbleu as tensorbleu
 from trainers.tensorbleu import (
     SMOOTHING_METHODS,
     TensorBLEU,
@@ -99,7 +100,7 @@ def test_smooth_values_match_sacrebleu(smoothing, value):
         assert_matches_sacrebleu(cands, refs, smoothing=smoothing, smooth_value=value)
 
 
-@pytest.mark.parametrize("max_order", [1, 2, 3, 6])
+@pytest.mark.parametrize("max_order", [1, 2, 3, 5, 6, 8])
 def test_other_max_orders_match_sacrebleu(max_order):
     rng = random.Random(max_order)
     for smoothing in SMOOTHINGS:
@@ -259,6 +260,34 @@ def test_large_ids_use_exact_keys():
     d = tensor_sentence_bleu(x, y, smoothing="exp", vocab_size=2**60, dtype=torch.float64)  # falls back to rows
     assert torch.allclose(a, b, atol=1e-12) and torch.allclose(a, c, atol=1e-12) and torch.allclose(a, d, atol=1e-12)
     assert_matches_sacrebleu(x[:8].tolist(), [[r] for r in y[:8].tolist()], smoothing="exp")
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_packed_statistics_equal_rows(monkeypatch, wide):
+    """The packed keys (1 to 5 sort levels, token-pair or unigram first level) count exactly what unique(dim=0)
+    counts, with padding, explicit lengths, several references and empty sequences; `wide` makes every key and
+    group index int64 from small bounds on, so the int64 paths run on small inputs too."""
+    if wide:
+        monkeypatch.setattr(tensorbleu, "_key_dtype", lambda bound: torch.int32 if bound <= 2**10 else torch.long)
+    rng = random.Random(23)
+    g = torch.Generator().manual_seed(23)
+    for _ in range(80):
+        batch, n_refs = rng.choice([1, 3, 16]), rng.choice([1, 1, 3])
+        tc, tr = rng.choice([0, 1, 3, 7, 20]), rng.choice([0, 2, 5, 20])
+        vocab = rng.choice([2, 5, 300, 70_000])  # 70k: the token-pair keys would not fit int32
+        cand = torch.randint(0, vocab, (batch, tc), generator=g)
+        refs = torch.randint(0, vocab, (batch, n_refs, tr), generator=g)
+        shared = min(tc, tr)  # references copy most of the candidate: long matches
+        copy = torch.rand(batch, shared, generator=g) < 0.8
+        refs[:, 0, :shared] = torch.where(copy, cand[:, :shared], refs[:, 0, :shared])
+        kw = dict(max_order=rng.choice([1, 2, 3, 4, 4, 5, 8, 9]))
+        if rng.random() < 0.5:
+            kw["candidate_lengths"] = torch.randint(0, tc + 1, (batch,), generator=g)
+            kw["reference_lengths"] = torch.randint(0, tr + 1, (batch, n_refs), generator=g)
+        packed = bleu_statistics(cand, refs, **kw)
+        rows = bleu_statistics(cand, refs, dictionary="rows", **kw)
+        for name, a, b in zip(packed._fields, packed, rows):
+            assert torch.equal(a, b), (name, kw, a, b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")

@@ -12,25 +12,30 @@ the reference length ``r`` (the reference length closest to ``c``, the shorter o
 This module computes it for a whole batch without a Python loop over rows, on whatever device the
 inputs live on (CPU or CUDA):
 
-1. **n-gram extraction**: the n-grams of order ``n`` are the sliding windows of the sequences
-   (``Tensor.unfold``); positions past a sequence's length (its padding) are not counted.
+1. **n-gram extraction**: the n-grams of order ``n`` are the windows of ``n`` tokens starting at each
+   position; n-grams running past a sequence's length (into its padding) are not counted.
 2. **batch-specific compact dictionary**: every n-gram of every row, candidates and references
    together, is mapped to a dense id, its rank among the distinct n-grams of the batch. The dictionary key
    includes the row index, so an id names a (row, n-gram) pair and its size is bounded by the number of
    n-grams actually present in the batch, never by ``vocab_size ** n`` (nor by ``batch * vocab``).
    Two equivalent builders are provided:
 
-   - ``dictionary="rows"``: ``torch.unique(dim=0)`` over the rows ``[row, t_1, ..., t_n]``;
-   - ``dictionary="packed"`` (default): the same dictionary built order by order from 1-D keys: the id
-     of a unigram is the rank of ``row * V + t``, the id of an n-gram the rank of
-     ``id(its (n-1)-gram prefix) * V + t_n``. The keys are exact (no hashing, no collisions) and the ranks
-     come from one 1-D sort per order, about 100x faster on CPU than ``unique(dim=0)``.
+   - ``dictionary="rows"``: ``torch.unique(dim=0)`` over the rows ``[row, t_1, ..., t_n]``, once per order;
+   - ``dictionary="packed"`` (default): exact 1-D integer keys (no hashing, no collisions) sorted by
+     *prefix doubling*, so BLEU-4 takes two int32 sorts for its four orders (three for vocabularies too large
+     for a token pair in int32, which first sort unigrams alone): one of ``(row, t_p, t_{p+1})``
+     (equal keys are equal bigrams, equal major parts equal unigrams) and one of ``(id of the bigram at p,
+     id of the bigram at p + 2)`` (4-grams; with the token at ``p + 2``, trigrams). Sorted keys are
+     lexicographic, so the n-grams of every order are runs of the sorted keys and their ids a running count
+     of run starts (no ``torch.unique``, whose inverse costs more than the sort).
 
    The row is the major part of every key, so the ids of a row form one contiguous range.
-3. **counting**: one ``bincount`` for the candidates, one *offset* ``bincount`` for the references
-   (reference ``r`` uses ids ``r * U + id``), so the counts of every reference come out of one call;
-   the clip count is the maximum over references, and a row's clipped matches (the sum of
-   ``min(candidate, clip)`` over its id range) are a difference of one running sum at the range bounds.
+3. **counting**: a row's clipped matches are the sum of ``min(candidate count, clip)`` over its id range
+   (the clip count is the maximum over references), a difference of one running sum at the range bounds.
+   ``"packed"`` counts in sorted order and uses ``min(c, clip) = c - max(c - clip, 0)``: with one reference,
+   ``c - clip`` of every id comes from one signed histogram (``+1`` per candidate n-gram, ``-1`` per reference
+   n-gram), and the ``c`` of a row sum to its number of candidate n-grams. ``"rows"`` uses one ``bincount`` for
+   the candidates and one *offset* ``bincount`` for the references (reference ``r`` uses ids ``r * U + id``).
 4. **score**: precisions, smoothing, effective order, brevity penalty and the weighted geometric mean
    are element-wise tensor operations.
 
@@ -238,48 +243,208 @@ def _ids_rows(cand: torch.Tensor, refs: torch.Tensor, max_order: int):
         yield n, ids_c, ids_r, uniq.shape[0], row_start
 
 
-def _ids_packed(cand: torch.Tensor, refs: torch.Tensor, max_order: int, vocab: int):
-    """Same dictionary as :func:`_ids_rows` (same order of the ids), built order by order from exact 1-D keys.
+def _matches_rows(cand, refs, cand_len, ref_len, full: bool, max_order: int) -> torch.Tensor:
+    """``[B, max_order]`` clipped matches from the ``unique(dim=0)`` dictionary (position-domain counting).
 
-    order 1: key = row * V + t; order n: key = id(prefix (n-1)-gram) * V + t_n; ids are the ranks of the keys.
-    The ranks come from one sort (no ``torch.unique``: its inverse costs more than the sort) and are bounded by
-    the number of keys, which is used as the dictionary size (no host sync for the number of distinct keys).
-    Every row contributes the same number of keys and the row is the major part of every key, so in sorted
-    order row ``b`` occupies positions ``[b * W, (b + 1) * W)`` and its ids start at the rank found at ``b * W``.
+    One ``bincount`` for the candidates, one *offset* ``bincount`` for the references (reference ``r`` uses ids
+    ``r * (U + 1) + id``); the clip count is the maximum over references, and a row's clipped matches (the sum
+    of ``min(candidate, clip)`` over its id range) are a difference of one running sum at the range bounds.
     """
     batch, n_refs = refs.shape[0], refs.shape[1]
+    matches = torch.zeros(batch, max_order, dtype=torch.long, device=cand.device)
+    ref_offsets = torch.arange(n_refs, device=cand.device).view(1, n_refs, 1)
+    for n, ids_c, ids_r, size, row_start in _ids_rows(cand, refs, max_order):
+        if full:
+            flat_c, flat_r = ids_c.reshape(-1), ids_r + ref_offsets * (size + 1)
+        else:  # n-grams past a sequence's end go to a dump bin (id `size`, one per reference), never counted
+            flat_c = torch.where(_valid(cand_len, ids_c.shape[1], n), ids_c, size).reshape(-1)
+            flat_r = torch.where(_valid(ref_len, ids_r.shape[2], n), ids_r, size) + ref_offsets * (size + 1)
+        count_c = torch.bincount(flat_c, minlength=size + 1)[:size]  # integer counts per id
+        count_r = torch.bincount(flat_r.reshape(-1), minlength=n_refs * (size + 1)).view(n_refs, size + 1)
+        clip = count_r[0, :size]
+        for r in range(1, n_refs):
+            clip = torch.maximum(clip, count_r[r, :size])
+        running = torch.zeros(size + 1, dtype=torch.long, device=cand.device)
+        torch.cumsum(torch.minimum(count_c, clip), 0, out=running[1:])
+        matches[:, n - 1] = running[row_start[1:]] - running[row_start[:-1]]
+    return matches
+
+
+def _bits(bound: int) -> int:
+    """Number of bits that hold every integer in ``[0, bound)``."""
+    return max(int(bound) - 1, 0).bit_length()
+
+
+def _key_dtype(bound: int) -> torch.dtype | None:
+    """Smallest integer dtype whose non-negative range holds ``[0, bound)`` (None: not even int64)."""
+    return torch.int32 if bound <= 2**31 else torch.long if bound <= 2**63 else None
+
+
+def _packed_plan(max_order: int, batch: int, alphabet: int):
+    """Sort levels ``(k, j)`` (level ``(k, j)`` counts orders ``k+1 .. k+j``; ``k == 0`` keys on tokens), the
+    number of extra positions ``ext`` each level sorts past the sequence width, and whether the first level keys
+    on token pairs. None when the first level's keys would overflow int64."""
+    if _key_dtype(batch * alphabet) is None:
+        return None
+    pair = max_order >= 2 and batch * alphabet << _bits(alphabet) <= 2**31
+    levels = [(0, 2 if pair else 1)]
+    k = levels[0][1]
+    while k < max_order:  # prefix doubling: the next level appends a j-gram (j <= k) to the k-grams
+        j = min(k, max_order - k)
+        levels.append((k, j))
+        k += j
+    ext = [0] * len(levels)  # a level reads ids at p + k (its k) from earlier levels: they rank k more positions
+    for i in range(len(levels) - 2, -1, -1):
+        ext[i] = ext[i + 1] + levels[i + 1][0]
+    return levels, ext, pair
+
+
+def _symbols(tokens: torch.Tensor, lengths: torch.Tensor, full: bool, pad: int, reach: int, dtype) -> torch.Tensor:
+    """Token ids as key symbols, ``pad`` past each sequence's end and on ``reach`` extra positions."""
+    width = tokens.shape[-1]
+    out = torch.full((*tokens.shape[:-1], width + reach), pad, dtype=dtype, device=tokens.device)
+    out[..., :width] = tokens
+    if not full:
+        out[..., :width].masked_fill_(torch.arange(width, device=tokens.device) >= lengths.unsqueeze(-1), pad)
+    return out
+
+
+def _matches_packed(cand, refs, cand_len, ref_len, full: bool, max_order: int, vocab: int) -> torch.Tensor | None:
+    """``[B, max_order]`` clipped matches from exact 1-D integer keys, sorted by prefix doubling.
+
+    Token ids are symbols of an alphabet of ``A = V + 2``: the ids, then ``V`` for every position past a
+    candidate's end and ``V + 1`` past a reference's end, so an n-gram running past a sequence's end never
+    equals an n-gram of the other side and is never matched (no masks). Every position ``p`` of every sequence
+    (plus a few past the width, all padding, that later levels read) gets per sort level one exact key:
+
+    - first level: ``(row * A + s_p) << bits(A) | s_{p+1}`` for orders 1 and 2 (the pair only when the key
+      fits int32; otherwise ``row * A + s_p`` alone, order 1);
+    - level ``(k, j)`` (orders ``k+1 .. k+j``, ``j <= k``): ``id_k(p) << bits(W) | id_j(p + k) - first``, where
+      ``id_k`` is the group index of the k-gram in an earlier level's sorted keys (row major, so it is exact and
+      lexicographic) and ``id_j(p + k) - first`` the j-gram's group index relative to its row's first one
+      (``< W``, the sorted positions per row), so keys stay small (int32 for typical batches).
+
+    The sorted keys of a level are lexicographic, so every order it covers forms runs: order ``k+j`` runs
+    change with the key, lower orders with its major part (``>> bits``) or with the code of the shorter n-gram
+    at ``p + k`` (gathered through the sort permutation); group indices are running counts of run starts.
+    Per group, ``c - clip`` (candidate count minus the most of one reference) comes from one signed histogram
+    (one histogram of ``(source, group)`` with several references); every row occupies the same number ``W`` of
+    sorted positions and its candidate positions count ``c`` once each, so its clipped matches are its
+    candidate positions minus a difference of the running sum of ``max(c - clip, 0)`` at the groups of the
+    rows' last positions. None if the first keys would overflow int64.
+    """
+    batch, n_refs, tc, tr = cand.shape[0], refs.shape[1], cand.shape[1], refs.shape[2]
     device = cand.device
-    pc0, pr0 = cand.shape[1], refs.shape[2]
-    # Keys are exact integers below (number of positions + batch) * vocab; int32 sorts ~2x faster than int64.
-    bound = (batch * (pc0 + n_refs * pr0) + batch + 1) * (vocab + 1)
-    key_dtype = torch.int32 if bound < 2**31 else torch.long
-    cand, refs = cand.to(key_dtype), refs.to(key_dtype)
-    rows = torch.arange(batch, device=device, dtype=key_dtype)
-    key_c = rows.view(batch, 1) * vocab + cand
-    key_r = rows.view(batch, 1, 1) * vocab + refs
-    prev_c = prev_r = None
-    for n in range(1, max_order + 1):
-        pc, pr = max(pc0 - n + 1, 0), max(pr0 - n + 1, 0)
-        if n > 1:  # extend the (n-1)-gram starting at i by the token at i + n - 1
-            key_c = prev_c[:, :pc] * vocab + cand[:, n - 1 : n - 1 + pc]
-            key_r = prev_r[:, :, :pr] * vocab + refs[:, :, n - 1 : n - 1 + pr]
-        keys = torch.cat([key_c.reshape(-1), key_r.reshape(-1)])
-        size, width = keys.numel(), pc + n_refs * pr
-        if size == 0:
-            ids = keys
-            row_start = torch.zeros(batch + 1, dtype=torch.long, device=device)
+    alphabet = vocab + 2
+    plan = _packed_plan(max_order, batch, alphabet)
+    if plan is None:
+        return None
+    levels, ext, pair = plan
+    matches = torch.zeros(batch, max_order, dtype=torch.long, device=device)
+    if batch == 0 or tc == 0:
+        return matches
+    sym_bits = _bits(alphabet)
+    sym_dtype = _key_dtype(batch * alphabet << (sym_bits if pair else 0))
+    reach = ext[0] + int(pair)  # symbols are read up to p + reach
+    sym_c = _symbols(cand, cand_len, full, vocab, reach, sym_dtype)  # [B, Tc + reach]
+    sym_r = _symbols(refs, ref_len, full, vocab + 1, reach, sym_dtype)  # [B, R, Tr + reach]
+
+    # Per order m, codes by position: (candidate [B, *], reference [B, R, *], first [B] or None, bound of the
+    # code relative to its row's first, bound of the code). Equal codes in one row are equal m-grams.
+    codes = {1: (sym_c, sym_r, None, alphabet, alphabet)}
+    # orders whose ids later levels read (order 1 reads the symbols unless the first level sorted unigrams)
+    needed = {k for k, _ in levels[1:]} | {m for _, j in levels[1:] for m in range(2 if pair else 1, j + 1)}
+
+    for (k, j), e in zip(levels, ext):
+        wc, wr = tc + e, tr + e
+        width = wc + n_refs * wr  # sorted positions per row
+        size = batch * width
+        if k == 0:
+            orders, shift = ([1, 2], sym_bits) if j == 2 else ([1], 0)
+            key_dtype = _key_dtype(batch * alphabet << shift)
         else:
-            ordered, perm = torch.sort(keys)
-            new = torch.empty(size, dtype=torch.bool, device=device)
-            new[0] = False
-            torch.ne(ordered[1:], ordered[:-1], out=new[1:])
-            rank = new.cumsum(0, dtype=key_dtype)  # id of each sorted key: 0 .. distinct - 1
-            ids = torch.empty_like(rank).scatter_(0, perm, rank)
-            row_start = torch.cat([rank[::width].long(), torch.full((1,), size, dtype=torch.long, device=device)])
-        ids_c = ids[: batch * pc].view(batch, pc)
-        ids_r = ids[batch * pc :].view(batch, n_refs, pr)
-        yield n, ids_c, ids_r, size, row_start
-        prev_c, prev_r = ids_c, ids_r
+            orders = list(range(k + 1, k + j + 1))
+            major_c, major_r, _, _, major_bound = codes[k]
+            minor_c, minor_r, first, minor_bound, _ = codes[j]
+            shift = _bits(minor_bound)
+            key_dtype = _key_dtype((major_bound << shift) + minor_bound)  # before subtracting first
+        keys = torch.empty(size, dtype=key_dtype, device=device)
+        key_c, key_r = keys[: batch * wc].view(batch, wc), keys[batch * wc :].view(batch, n_refs, wr)
+        if k == 0:  # (row * A + s_p) << shift | s_{p+1}, i.e. s_{p+1} + s_p * 2**shift + row * A * 2**shift
+            if j == 2:
+                torch.add(sym_c[:, 1 : 1 + wc], sym_c[:, :wc], alpha=1 << shift, out=key_c)
+                torch.add(sym_r[:, :, 1 : 1 + wr], sym_r[:, :, :wr], alpha=1 << shift, out=key_r)
+            else:
+                key_c.copy_(sym_c[:, :wc])
+                key_r.copy_(sym_r[:, :, :wr])
+            rows = torch.arange(0, (batch * alphabet) << shift, alphabet << shift, device=device, dtype=key_dtype)
+            key_c += rows.view(batch, 1)
+            key_r += rows.view(batch, 1, 1)
+        else:  # id_k(p) << shift | code_j(p + k) - first, with code_j(p + k) - first < 2**shift
+            torch.add(minor_c[:, k : k + wc], major_c[:, :wc].to(key_dtype), alpha=1 << shift, out=key_c)
+            torch.add(minor_r[:, :, k : k + wr], major_r[:, :, :wr].to(key_dtype), alpha=1 << shift, out=key_r)
+            if first is not None:
+                key_c -= first.view(batch, 1)
+                key_r -= first.view(batch, 1, 1)
+        del key_c, key_r
+        ordered, perm = torch.sort(keys)
+        del keys
+
+        # True where a new n-gram starts in the sorted keys, per order of the level: [len(orders), size]
+        flags = torch.empty(len(orders), size, dtype=torch.bool, device=device)
+        flags[:, 0] = False
+        torch.ne(ordered[1:], ordered[:-1], out=flags[-1, 1:])
+        if len(orders) > 1:  # the key's major part: order 1 (first level) or the k-gram
+            major = ordered.bitwise_right_shift_(shift)
+            torch.ne(major[1:], major[:-1], out=flags[0, 1:])
+            flags[1:-1] = flags[0]
+            for i, m in enumerate(orders[:-1] if k else []):  # the (m - k)-gram at p + k refines the k-gram
+                xc, xr = codes[m - k][:2]
+                x = torch.cat([xc[:, k : k + wc].reshape(-1), xr[:, :, k : k + wr].reshape(-1)])
+                x = x.index_select(0, perm)  # its code, in sorted order
+                flags[i, 1:] |= x[1:] != x[:-1]
+                del x
+            del major
+        del ordered
+        # group index of every sorted position (its n-gram's rank), per order of the level
+        group_dtype = _key_dtype((n_refs + 1) * size)
+        group = flags.cumsum(1, dtype=group_dtype)
+        del flags
+        last = group[:, width - 1 :: width].long()  # [len(orders), B] group of each row's last sorted position
+        for i, m in enumerate(orders):
+            if m in needed:  # ids back to positions for the next levels
+                at = torch.empty_like(group[i]).scatter_(0, perm, group[i])
+                first = group[i, ::width].clone()
+                at_c, at_r = at[: batch * wc].view(batch, wc), at[batch * wc :].view(batch, n_refs, wr)
+                codes[m] = (at_c, at_r, first, width, size)
+
+        # A group's clipped matches are min(c, clip) = c - max(c - clip, 0), with c its candidate n-grams and
+        # clip the most of one reference; the c of a row's groups sum to its wc candidate positions.
+        if n_refs == 1:  # c - clip from one signed histogram: +1 per candidate, -1 per reference position
+            sign = torch.sub(1, (perm >= batch * wc).to(group_dtype), alpha=2)
+            excess = torch.zeros(len(orders), size, dtype=group_dtype, device=device)
+            for i in range(len(orders)):
+                excess[i].index_add_(0, group[i], sign)
+        else:  # histogram of (source, group): source 0 candidate, 1 + r reference r
+            source = torch.arange(1, n_refs + 1, device=device, dtype=group_dtype).repeat_interleave(wr)
+            source = torch.cat([torch.zeros(batch * wc, dtype=group_dtype, device=device), source.repeat(batch)])
+            source = source.index_select(0, perm)
+            counts = torch.zeros(len(orders), n_refs + 1, size, dtype=group_dtype, device=device)
+            ones = torch.ones(1, dtype=group_dtype, device=device).expand(size)
+            for i in range(len(orders)):
+                counts[i].view(-1).index_add_(0, torch.add(group[i], source, alpha=size), ones)
+            clip = counts[:, 1]
+            for r in range(2, n_refs + 1):
+                torch.maximum(clip, counts[:, r], out=clip)
+            excess = counts[:, 0] - clip
+            del source, counts, clip
+        del group, perm
+        running = excess.clamp_(min=0).cumsum_(1)  # running unmatched candidate n-grams over the groups
+        per_row = running.gather(1, last)  # [len(orders), B]
+        unmatched = torch.diff(per_row, dim=1, prepend=per_row.new_zeros(len(orders), 1))
+        matches[:, orders[0] - 1 : orders[-1]] = (wc - unmatched).T
+        del excess, running
+    return matches
 
 
 def bleu_statistics(
@@ -317,53 +482,41 @@ def bleu_statistics(
         references, cand.shape[0], pad_token_id, reference_lengths, cand.device
     )
     batch, n_refs = refs.shape[0], refs.shape[1]
-    ref_len = torch.where(present, ref_len, torch.zeros_like(ref_len))
-
-    # Without padding (checked on CPU only, where it costs no device sync) every window is an n-gram.
-    full = cand.device.type == "cpu" and bool((cand_len == cand.shape[1]).all() & (ref_len == refs.shape[2]).all())
-    if not full:  # tokens past a sequence's end are ignored; zero them so the packed keys stay in range
+    # Tensors without pad id or lengths are all full length; otherwise checked on CPU only (no device sync).
+    as_given = isinstance(candidates, torch.Tensor) and isinstance(references, torch.Tensor)
+    full = as_given and pad_token_id is None and candidate_lengths is None and reference_lengths is None
+    if not as_given:  # missing references (rows with fewer of them) have length 0
+        ref_len = torch.where(present, ref_len, 0)
+    if not full and cand.device.type == "cpu":
+        full = bool((cand_len == cand.shape[1]).all() & (ref_len == refs.shape[2]).all())
+    if not full:  # tokens past a sequence's end are ignored; zero them (the id range below must not see them)
         cand = torch.where(torch.arange(cand.shape[1], device=cand.device) < cand_len.unsqueeze(-1), cand, 0)
         refs = torch.where(torch.arange(refs.shape[2], device=refs.device) < ref_len.unsqueeze(-1), refs, 0)
 
-    matches = torch.zeros(batch, max_order, dtype=torch.float64, device=cand.device)
-    if dictionary == "rows":
-        orders = _ids_rows(cand, refs, max_order)
-    else:
+    matches = None
+    if dictionary == "packed":
         low = 0
         if vocab_size is None:  # one host sync for the id range (padding is already zeroed)
-            both = torch.cat([cand.reshape(-1), refs.reshape(-1), cand.new_zeros(1)])
-            low, high = (int(v) for v in torch.stack(torch.aminmax(both)).tolist())
-            vocab_size = high + 1
-        vocab_size = max(int(vocab_size), 1)
-        positions = batch * (cand.shape[1] + n_refs * refs.shape[2]) + batch + 1
-        if low >= 0 and positions * (vocab_size + 1) < 2**62:
-            orders = _ids_packed(cand, refs, max_order, vocab_size)
-        else:  # keys would overflow int64: same dictionary via unique(dim=0)
-            orders = _ids_rows(cand, refs, max_order)
-    ref_offsets = torch.arange(n_refs, device=cand.device).view(1, n_refs, 1)
-    for n, ids_c, ids_r, size, row_start in orders:
-        if full:
-            flat_c, flat_r = ids_c.reshape(-1), ids_r if n_refs == 1 else ids_r + ref_offsets * (size + 1)
-        else:  # n-grams past a sequence's end go to a dump bin (id `size`, one per reference), never counted
-            flat_c = torch.where(_valid(cand_len, ids_c.shape[1], n), ids_c, size).reshape(-1)
-            flat_r = torch.where(_valid(ref_len, ids_r.shape[2], n), ids_r, size) + ref_offsets * (size + 1)
-        count_c = torch.bincount(flat_c, minlength=size + 1)[:size]  # integer counts per id
-        count_r = torch.bincount(flat_r.reshape(-1), minlength=n_refs * (size + 1)).view(n_refs, size + 1)
-        clip = count_r[0, :size] if n_refs == 1 else count_r[:, :size].amax(dim=0)
-        # ids are grouped by row: a row's clipped matches are a difference of the running sum at its bounds
-        running = torch.zeros(size + 1, dtype=torch.long, device=cand.device)
-        torch.cumsum(torch.minimum(count_c, clip), 0, out=running[1:])
-        matches[:, n - 1] = (running[row_start[1:]] - running[row_start[:-1]]).to(matches.dtype)
-
-    orders_t = torch.arange(1, max_order + 1, device=cand.device)
-    totals = (cand_len.unsqueeze(-1) - orders_t + 1).clamp(min=0).to(torch.float64)
+            ranges = [torch.stack(torch.aminmax(t)) for t in (cand, refs) if t.numel()]
+            bounds = torch.stack(ranges).tolist() if ranges else []
+            low = min([0] + [lo for lo, _ in bounds])
+            vocab_size = max([0] + [hi for _, hi in bounds]) + 1
+        if low >= 0:  # None if the keys would overflow int64: same counts via unique(dim=0)
+            matches = _matches_packed(cand, refs, cand_len, ref_len, full, max_order, max(int(vocab_size), 1))
+    if matches is None:
+        matches = _matches_rows(cand, refs, cand_len, ref_len, full, max_order)
+    matches = matches.to(torch.float64)
+    totals = (cand_len.unsqueeze(-1) - torch.arange(max_order, device=cand.device)).clamp_(min=0).to(torch.float64)
 
     # Closest reference length (sacrebleu: smallest |c - r|, the shorter reference on ties); missing refs excluded.
-    diff = (cand_len.unsqueeze(-1) - ref_len).abs()
-    big = int(refs.shape[2]) + int(cand.shape[1]) + 1
-    rank = diff * (big + 1) + ref_len
-    rank = torch.where(present, rank, torch.full_like(rank, torch.iinfo(torch.long).max))
-    closest = ref_len.gather(1, rank.argmin(dim=1, keepdim=True)).squeeze(1)
+    if n_refs == 1:
+        closest = ref_len[:, 0]
+    else:
+        diff = (cand_len.unsqueeze(-1) - ref_len).abs()
+        big = int(refs.shape[2]) + int(cand.shape[1]) + 1
+        rank = diff * (big + 1) + ref_len
+        rank = torch.where(present, rank, torch.full_like(rank, torch.iinfo(torch.long).max))
+        closest = ref_len.gather(1, rank.argmin(dim=1, keepdim=True)).squeeze(1)
     return BLEUStatistics(matches, totals, cand_len.to(torch.float64), closest.to(torch.float64))
 
 
@@ -405,7 +558,6 @@ def bleu_from_statistics(
     smooth_value = _check_smoothing(smoothing, smooth_value)
     matches, totals = stats.matches.to(torch.float64), stats.totals.to(torch.float64)
     max_order = matches.shape[-1]
-    w = _weights_tensor(weights, max_order, matches.device)
     c_len, r_len = stats.candidate_length.to(torch.float64), stats.reference_length.to(torch.float64)
 
     any_match = (matches > 0).any(dim=-1)  # sacrebleu returns 0 before smoothing when nothing matches
@@ -414,31 +566,31 @@ def bleu_from_statistics(
         add[0] = 0.0
         matches, totals = matches + add, totals + add
     # Orders from the first one without candidate n-grams on are left out (sacrebleu's loop `break`).
-    active = torch.cumprod((totals > 0).to(torch.float64), dim=-1) > 0
-    safe_totals = torch.where(totals > 0, totals, torch.ones_like(totals))
-    precision = torch.where(matches > 0, matches / safe_totals, torch.zeros_like(matches))
+    has_total = totals > 0
+    active = has_total.cumprod(dim=-1) > 0
+    safe_totals = torch.where(has_total, totals, 1.0)
+    precision = matches / safe_totals  # matches >= 0
     no_match = active & (matches <= 0)
     if smoothing == "exp":
-        k = torch.cumsum(no_match.to(torch.float64), dim=-1)
-        precision = torch.where(no_match, 1.0 / (torch.pow(2.0, k) * safe_totals), precision)
+        k = torch.cumsum(no_match, dim=-1, dtype=torch.float64)
+        precision = torch.where(no_match, torch.exp2(k).mul_(safe_totals).reciprocal_(), precision)
     elif smoothing == "floor":
         precision = torch.where(no_match, smooth_value / safe_totals, precision)
-    precision = torch.where(active, precision, torch.zeros_like(precision))
-    log_p = torch.where(precision > 0, torch.log(precision.clamp(min=1e-300)), torch.full_like(precision, _LOG_ZERO))
+    precision = torch.where(active, precision, 0.0)
+    log_p = torch.where(precision > 0, torch.log(precision), _LOG_ZERO)
 
-    used = active if effective_order else torch.ones_like(active)
-    used_w = torch.where(used, w.expand_as(precision), torch.zeros_like(precision))
+    if weights is None:
+        used_w = active.to(torch.float64) if effective_order else torch.ones_like(precision)
+    else:
+        w = _weights_tensor(weights, max_order, matches.device)
+        used_w = torch.where(active, w, 0.0) if effective_order else w.expand_as(precision)
     norm = used_w.sum(dim=-1)
-    log_mean = (used_w * log_p).sum(dim=-1) / torch.where(norm > 0, norm, torch.ones_like(norm))
+    log_mean = (used_w * log_p).sum(dim=-1) / torch.where(norm > 0, norm, 1.0)
 
-    safe_c = torch.where(c_len > 0, c_len, torch.ones_like(c_len))
-    bp = torch.where(
-        c_len < r_len,
-        torch.where(c_len > 0, torch.exp(1.0 - r_len / safe_c), torch.zeros_like(c_len)),
-        torch.ones_like(c_len),
-    )
+    # exp(1 - r / c) is 0 for c = 0 < r (r / 0 = inf)
+    bp = torch.where(c_len < r_len, torch.exp(1.0 - r_len / c_len), 1.0)
     score = bp * torch.exp(log_mean)
-    return torch.where(any_match & (norm > 0), score, torch.zeros_like(score))
+    return torch.where(any_match & (norm > 0), score, 0.0)
 
 
 def tensor_sentence_bleu(
