@@ -19,6 +19,7 @@ from trainers.mrl_trainer import (
     impo_loss,
     rewarded_turns,
 )
+from trainers.data import _encode_texts, _frame, special_ids
 from trainers.mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from trainers.synthetic_data import build_synthetic_dataset
 
@@ -146,7 +147,7 @@ def test_bad_config_values_fail_before_training(tmp_path):
                 dict(stm_reset_probability=1.5), dict(kl_reference="ref"), dict(freeze_schedule={"head": 0}),
                 dict(memory_reg_coef=-1.0), dict(loss_type="cispo"), dict(reward_functions=["recall"]),
                 dict(reward_functions=[]), dict(advantage_estimator="gae"), dict(critic_learning_rate=0.0),
-                dict(critic_epochs=0)):
+                dict(critic_epochs=0), dict(supervised_coef=-0.5)):
         with pytest.raises(ValueError):
             MRLConfig(output_dir=str(tmp_path), curriculum_steps=bad.pop("curriculum_steps", [2, 4]), use_cpu=True,
                       **bad)
@@ -247,6 +248,41 @@ def test_policy_gradient_reaches_memory_attention_and_encoder(tmp_path, mrl_data
     trainer.apply_freeze(0)
     grads = _loss_grads(trainer, batch)
     assert grads["memory_attention"] and not grads["encoder"] and not grads["embedding"]
+
+
+def test_supervised_term_is_the_reference_answer_cross_entropy(tmp_path, mrl_data, mrl_tokenizer):
+    trainer = _trainer(tmp_path, mrl_data, mrl_tokenizer, kl_coef=0.0, memory_reg_coef=0.0, supervised_coef=0.5,
+                       curriculum_steps=[3], freeze_schedule={"memory_attention": 0})
+    batch = _batch(trainer, mrl_data)
+    model = trainer.model.eval()
+    _, _, _, supervised = trainer._episode_logps(model, batch, supervised=True)
+    # by hand: each conversation once, its STM written turn by turn from the reference interactions
+    ids = special_ids(mrl_tokenizer)
+    nll, tokens = 0.0, 0
+    for row in (mrl_data[0], mrl_data[1]):
+        stm = model.init_memory(1)
+        for turn in [{"query": row["query"], "answer": row["answer"]}, *row["interactions"]][:4]:
+            q, a = _encode_texts(mrl_tokenizer, [turn["query"], turn["answer"]])
+            full, labels, _ = _frame(q, a, 64, ids)
+            x = torch.tensor([full])
+            logits = model(input_ids=x, stm_state=stm).logits[0, :-1]
+            target = torch.tensor(labels[1:])
+            nll += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
+            tokens += int((target != -100).sum())
+            stm = model.update_memory(stm, x, torch.ones_like(x))
+    assert supervised.item() == pytest.approx(nll / tokens, rel=1e-4)
+    # with zero advantages the loss is the supervised term alone, and it trains memory attention
+    batch["advantages"] = torch.zeros_like(batch["advantages"])
+    trainer.apply_freeze(0)
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(0.5 * supervised.item(), rel=1e-4)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.component_parameters()["memory_attention"])
+    # off by default: no reference tensors, no term
+    plain = _trainer(tmp_path / "plain", mrl_data, mrl_tokenizer, kl_coef=0.0, curriculum_steps=[3])
+    assert "ref_ids" not in _batch(plain, mrl_data)
 
 
 def test_freeze_schedule_memory_first(tmp_path, mrl_data, mrl_tokenizer):
@@ -355,8 +391,8 @@ def test_shared_memory_update_matches_per_row_updates(tmp_path, mrl_data, mrl_to
     batch = _batch(trainer, mrl_data, step=1)
     assert batch["memory_group"].tolist() == [0, 0, 1, 1]  # reference answers in memory: one STM per conversation
     model = trainer.model
-    shared_lp, _, shared_mse = trainer._episode_logps(model, batch)
-    alone_lp, _, alone_mse = trainer._episode_logps(model, {**batch, "memory_group": None})
+    shared_lp, _, shared_mse, _ = trainer._episode_logps(model, batch)
+    alone_lp, _, alone_mse, _ = trainer._episode_logps(model, {**batch, "memory_group": None})
     assert torch.allclose(shared_lp, alone_lp, atol=1e-5) and torch.allclose(shared_mse, alone_mse, atol=1e-6)
     # after TRL's shuffling the groups are found by id, not by position
     perm = torch.tensor([2, 0, 3, 1])

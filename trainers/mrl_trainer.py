@@ -90,7 +90,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from .data import _encode_texts, _frame, special_ids
+from .data import IGNORE_INDEX, _encode_texts, _frame, special_ids
 from .mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from .rewards import REWARDS_BY_NAME
 from .smat_trainer import SMAT_COMPONENTS, component_parameters, resolve_schedule_step
@@ -163,6 +163,12 @@ class MRLConfig(GRPOConfig):
         metadata={"help": "IMPO policy stabilisation: weight of the (k3) KL between the current policy and "
                           "kl_reference, on the sampled answer tokens. 0 disables it."},
     )
+    supervised_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a supervised term added to IMPO (like InstructGPT's PPO-ptx): the teacher-forced "
+                          "cross-entropy of every turn's reference answer, read with the episode's STM (one pass "
+                          "per conversation). 0 disables it (pure IMPO)."},
+    )
     kl_reference: str = field(
         default="previous",
         metadata={"help": "'previous' (the policy of the previous optimizer step) or 'initial' (the starting "
@@ -208,7 +214,7 @@ class MRLConfig(GRPOConfig):
         keys = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                 "num_generations", "max_completion_length", "temperature", "curriculum_steps", "curriculum_starts",
                 "curriculum_strategies", "long_range_min_distance", "own_answers_from_stage", "stm_reset_probability",
-                "memory_reg_coef", "kl_coef", "kl_reference", "freeze_schedule", "reward_functions", "reward_weights",
+                "memory_reg_coef", "kl_coef", "supervised_coef", "kl_reference", "freeze_schedule", "reward_functions", "reward_weights",
                 "advantage_estimator", "scale_rewards", "loss_type", "epsilon", "lr_scheduler_type", "seed")
         return {k: getattr(self, k) for k in keys}
 
@@ -258,7 +264,7 @@ class MRLConfig(GRPOConfig):
             fail("own_answers_from_stage", self.own_answers_from_stage, f"give a stage index in [0, {n}) or None.")
         if not isinstance(self.stm_reset_probability, (int, float)) or not 0 <= self.stm_reset_probability <= 1:
             fail("stm_reset_probability", self.stm_reset_probability, "it must be a number in [0, 1].")
-        for name in ("stm_reset_std", "memory_reg_coef", "kl_coef"):
+        for name in ("stm_reset_std", "memory_reg_coef", "kl_coef", "supervised_coef"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
                 fail(name, value, "it must be a finite number >= 0.")
@@ -439,10 +445,18 @@ def shared_memory_update(model, stm: torch.Tensor, input_ids: torch.Tensor, atte
     groups, inverse = torch.unique(memory_group, return_inverse=True)
     if groups.numel() == memory_group.numel():
         return model.update_memory(stm, input_ids, attention_mask)
-    rows = torch.arange(memory_group.numel(), device=memory_group.device)
-    first = torch.full_like(groups, memory_group.numel()).scatter_reduce(0, inverse, rows, "amin")  # [groups]
+    first = _group_leaders(memory_group, memory_group.numel())  # [groups]
     new = model.update_memory(stm[first], input_ids[first], attention_mask[first])  # [groups, L, S, D]
     return new[inverse]  # [R, L, S, D]
+
+
+def _group_leaders(memory_group: torch.Tensor | None, num_rows: int) -> torch.Tensor:
+    """Index of the first row of every memory group (all rows when ``memory_group`` is None)."""
+    if memory_group is None:
+        return torch.arange(num_rows)
+    groups, inverse = torch.unique(memory_group, return_inverse=True)
+    rows = torch.arange(memory_group.numel(), device=memory_group.device)
+    return torch.full_like(groups, memory_group.numel()).scatter_reduce(0, inverse, rows, "amin")
 
 
 def _pad(seqs: list[list[int]], pad: int, left: bool = False, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -767,6 +781,14 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         for (r, t), s in mem_seqs.items():
             mem_ids[r, t, : len(s)] = torch.tensor(s)
             mem_mask[r, t, : len(s)] = 1
+        if self.args.supervised_coef > 0:  # reference interactions with answer-only labels, for the supervised term
+            frames = {(r, t): _frame(q_ids[r, t], a_ids[r, t], max_len, ids)[:2] for r, t in mem_seqs}
+            Tr = max(len(f[0]) for f in frames.values())
+            ref_ids = torch.full((R, N, Tr), ids["pad"], dtype=torch.long)
+            ref_labels = torch.full((R, N, Tr), IGNORE_INDEX, dtype=torch.long)
+            for (r, t), (full, labels) in frames.items():
+                ref_ids[r, t, : len(full)] = torch.tensor(full)
+                ref_labels[r, t, : len(labels)] = torch.tensor(labels)
         L = max([len(prompts_tok[k]) + len(completions[k]) for k in completions] + [2])
         seq_ids = torch.full((R, N, L), ids["pad"], dtype=torch.long)
         seq_mask = torch.zeros((R, N, L), dtype=torch.long)
@@ -845,6 +867,8 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
             "advantages": advantages.to(device),
             "memory_group": memory_group,
         }
+        if self.args.supervised_coef > 0:
+            batch["ref_ids"], batch["ref_labels"] = ref_ids.to(device), ref_labels.to(device)
         if self.num_iterations > 1:
             batch["old_per_token_logps"] = self._episode_logps(unwrapped, batch)[0].detach()
         if self._kl_model is not None and self.args.kl_coef > 0:
@@ -853,13 +877,15 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                 self._kl_model.load_state_dict(unwrapped.state_dict())
         return batch
 
-    def _episode_logps(self, model, inputs: dict[str, torch.Tensor], forward_model=None):
-        """Re-play the episodes: ``(per_token_logps [R, N, L], entropies [R, N, L], stm_mse)``.
+    def _episode_logps(self, model, inputs: dict[str, torch.Tensor], forward_model=None, supervised: bool = False):
+        """Re-play the episodes: ``(per_token_logps [R, N, L], entropies [R, N, L], stm_mse, supervised_loss)``.
 
         ``per_token_logps[r, t, j]`` is ``log p(seq[j] | seq[<j], STM_t)`` (position 0 is 0); ``STM_t`` is built
         from the initial STM and the stored interactions of turns ``< t`` with the model's own encoder and memory
         attention, with gradients when grad mode is on. ``stm_mse`` is the mean over memory updates of the mean
         squared STM difference. ``forward_model`` (default ``model``) runs the decoder (the prepared wrapper).
+        With ``supervised`` (and ``ref_ids`` / ``ref_labels`` in ``inputs``), ``supervised_loss`` is the token-mean
+        cross-entropy of the reference answers of every turn, one row per memory group; otherwise None.
         """
         forward_model = forward_model or model
         stm = inputs["initial_stm"]
@@ -871,6 +897,12 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         logp_rows, ent_rows, index = [], [], []
         mse_terms = []
         last = int(scored.any(0).nonzero().max()) if scored.any() else -1
+        supervised = supervised and "ref_ids" in inputs
+        if supervised:
+            leaders = torch.zeros(R, dtype=torch.bool, device=seq_ids.device)
+            leaders[_group_leaders(inputs.get("memory_group"), R).to(seq_ids.device)] = True
+            last = max(last, int(present.any(0).nonzero().max()))
+            nll_sum, nll_tokens = logps.new_zeros(()), 0
         for t in range(last + 1):
             rows = scored[:, t].nonzero().squeeze(1)
             if rows.numel():
@@ -882,6 +914,15 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                 logp_rows.append(F.pad(lp, (1, 0)))
                 ent_rows.append(F.pad(ent, (1, 0)))
                 index.append((rows, t))
+            if supervised:
+                rows = (leaders & present[:, t]).nonzero().squeeze(1)
+                if rows.numel():
+                    ref, labels = inputs["ref_ids"][rows, t], inputs["ref_labels"][rows, t]  # [n, T]
+                    out = forward_model(input_ids=ref, attention_mask=(ref != self._ids["pad"]).long(), stm_state=stm[rows])
+                    targets = labels[:, 1:]
+                    nll_sum = nll_sum + F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                                        ignore_index=IGNORE_INDEX, reduction="sum")
+                    nll_tokens += int((targets != IGNORE_INDEX).sum())
             if t < last:
                 keep = present[:, t]
                 new = shared_memory_update(model, stm, inputs["mem_ids"][:, t], inputs["mem_mask"][:, t],
@@ -893,12 +934,15 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
             logps = logps.index_put((rows, torch.full_like(rows, t)), lp)
             entropies = entropies.index_put((rows, torch.full_like(rows, t)), ent.detach())
         stm_mse = torch.stack(mse_terms).mean() if mse_terms else logps.new_zeros(())
-        return logps, entropies, stm_mse
+        supervised_loss = nll_sum / max(nll_tokens, 1) if supervised else None
+        return logps, entropies, stm_mse, supervised_loss
 
     def _compute_loss(self, model, inputs):
         """Override of GRPOTrainer 1.16.0's private method: the IMPO loss on re-played episodes."""
         unwrapped = self.accelerator.unwrap_model(model)
-        logps, entropies, stm_mse = self._episode_logps(unwrapped, inputs, forward_model=model)
+        supervised = self.args.supervised_coef > 0
+        logps, entropies, stm_mse, supervised_loss = self._episode_logps(unwrapped, inputs, forward_model=model,
+                                                                         supervised=supervised)
         scored = inputs["scored"]
         pick = scored.nonzero(as_tuple=True)  # (rows, turns) of the sampled answers
         lp = logps[pick]  # [M, L]
@@ -913,8 +957,12 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
             ref_per_token_logps=ref, kl_coef=self.args.kl_coef,
             stm_mse=stm_mse, memory_reg_coef=self.args.memory_reg_coef, loss_type=self.loss_type,
         )
+        if supervised_loss is not None:
+            loss = loss + self.args.supervised_coef * supervised_loss
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
+        if supervised_loss is not None:
+            metrics["supervised_loss"].append(supervised_loss.item())
         for key in ("policy_loss", "kl", "clip_fraction", "memory_loss"):
             metrics[key].append(stats[key].item())
         metrics["stm_change"].append(float(stm_mse.detach()))
