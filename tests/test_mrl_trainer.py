@@ -147,7 +147,8 @@ def test_bad_config_values_fail_before_training(tmp_path):
                 dict(stm_reset_probability=1.5), dict(kl_reference="ref"), dict(freeze_schedule={"head": 0}),
                 dict(memory_reg_coef=-1.0), dict(loss_type="cispo"), dict(reward_functions=["recall"]),
                 dict(reward_functions=[]), dict(advantage_estimator="gae"), dict(critic_learning_rate=0.0),
-                dict(critic_epochs=0), dict(supervised_coef=-0.5)):
+                dict(critic_epochs=0), dict(supervised_coef=-0.5),
+                dict(supervised_turns="recall")):
         with pytest.raises(ValueError):
             MRLConfig(output_dir=str(tmp_path), curriculum_steps=bad.pop("curriculum_steps", [2, 4]), use_cpu=True,
                       **bad)
@@ -250,26 +251,35 @@ def test_policy_gradient_reaches_memory_attention_and_encoder(tmp_path, mrl_data
     assert grads["memory_attention"] and not grads["encoder"] and not grads["embedding"]
 
 
+def _reference_nll(model, tokenizer, rows, taught):
+    """Sum and count of the reference-answer token NLLs, each conversation's STM written turn by turn from its
+    reference interactions; ``taught[i][t]``: whether turn t of conversation i counts."""
+    ids = special_ids(tokenizer)
+    nll, tokens = 0.0, 0
+    for i, row in enumerate(rows):
+        stm = model.init_memory(1)
+        for t, turn in enumerate([{"query": row["query"], "answer": row["answer"]}, *row["interactions"]][:4]):
+            q, a = _encode_texts(tokenizer, [turn["query"], turn["answer"]])
+            full, labels, _ = _frame(q, a, 64, ids)
+            x = torch.tensor([full])
+            if taught[i][t]:
+                logits = model(input_ids=x, stm_state=stm).logits[0, :-1]
+                target = torch.tensor(labels[1:])
+                nll += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
+                tokens += int((target != -100).sum())
+            stm = model.update_memory(stm, x, torch.ones_like(x))
+    return nll, tokens
+
+
 def test_supervised_term_is_the_reference_answer_cross_entropy(tmp_path, mrl_data, mrl_tokenizer):
     trainer = _trainer(tmp_path, mrl_data, mrl_tokenizer, kl_coef=0.0, memory_reg_coef=0.0, supervised_coef=0.5,
                        curriculum_steps=[3], freeze_schedule={"memory_attention": 0})
     batch = _batch(trainer, mrl_data)
     model = trainer.model.eval()
-    _, _, _, supervised = trainer._episode_logps(model, batch, supervised=True)
-    # by hand: each conversation once, its STM written turn by turn from the reference interactions
-    ids = special_ids(mrl_tokenizer)
-    nll, tokens = 0.0, 0
-    for row in (mrl_data[0], mrl_data[1]):
-        stm = model.init_memory(1)
-        for turn in [{"query": row["query"], "answer": row["answer"]}, *row["interactions"]][:4]:
-            q, a = _encode_texts(mrl_tokenizer, [turn["query"], turn["answer"]])
-            full, labels, _ = _frame(q, a, 64, ids)
-            x = torch.tensor([full])
-            logits = model(input_ids=x, stm_state=stm).logits[0, :-1]
-            target = torch.tensor(labels[1:])
-            nll += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
-            tokens += int((target != -100).sum())
-            stm = model.update_memory(stm, x, torch.ones_like(x))
+    rows = [mrl_data[0], mrl_data[1]]  # batch rows 0-1 and 2-3 are their G=2 rollouts
+    with torch.no_grad():
+        _, _, _, supervised = trainer._episode_logps(model, batch, supervised=True)
+        nll, tokens = _reference_nll(model, mrl_tokenizer, rows, [[True] * 4] * 2)
     assert supervised.item() == pytest.approx(nll / tokens, rel=1e-4)
     # with zero advantages the loss is the supervised term alone, and it trains memory attention
     batch["advantages"] = torch.zeros_like(batch["advantages"])
@@ -280,6 +290,12 @@ def test_supervised_term_is_the_reference_answer_cross_entropy(tmp_path, mrl_dat
     assert loss.item() == pytest.approx(0.5 * supervised.item(), rel=1e-4)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.component_parameters()["memory_attention"])
+    # only the rewarded turns
+    trainer.args.supervised_turns = "rewarded"
+    with torch.no_grad():
+        _, _, _, rewarded = trainer._episode_logps(model.eval(), batch, supervised=True)
+        nll, tokens = _reference_nll(model, mrl_tokenizer, rows, batch["scored"][[0, 2]].tolist())
+    assert tokens > 0 and rewarded.item() == pytest.approx(nll / tokens, rel=1e-4)
     # off by default: no reference tensors, no term
     plain = _trainer(tmp_path / "plain", mrl_data, mrl_tokenizer, kl_coef=0.0, curriculum_steps=[3])
     assert "ref_ids" not in _batch(plain, mrl_data)

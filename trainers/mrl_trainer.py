@@ -100,6 +100,7 @@ __all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo
 
 STRATEGIES = ("cumulative", "long-range")
 KL_REFERENCES = ("previous", "initial")
+SUPERVISED_TURNS = ("all", "rewarded")
 LOSS_TYPES = ("grpo", "bnpo", "dapo")
 ADVANTAGE_ESTIMATORS = ("group", "critic")
 DEFAULT_REWARDS = ("reference_bleu", "memory_bleu", "length")
@@ -169,6 +170,11 @@ class MRLConfig(GRPOConfig):
                           "cross-entropy of every turn's reference answer, read with the episode's STM (one pass "
                           "per conversation). 0 disables it (pure IMPO)."},
     )
+    supervised_turns: str = field(
+        default="all",
+        metadata={"help": "Turns of the supervised term: 'all' (every turn of the episode) or 'rewarded' (only the "
+                          "turns the curriculum rewards, e.g. the long-range recall questions)."},
+    )
     kl_reference: str = field(
         default="previous",
         metadata={"help": "'previous' (the policy of the previous optimizer step) or 'initial' (the starting "
@@ -214,7 +220,7 @@ class MRLConfig(GRPOConfig):
         keys = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                 "num_generations", "max_completion_length", "temperature", "curriculum_steps", "curriculum_starts",
                 "curriculum_strategies", "long_range_min_distance", "own_answers_from_stage", "stm_reset_probability",
-                "memory_reg_coef", "kl_coef", "supervised_coef", "kl_reference", "freeze_schedule", "reward_functions", "reward_weights",
+                "memory_reg_coef", "kl_coef", "supervised_coef", "supervised_turns", "kl_reference", "freeze_schedule", "reward_functions", "reward_weights",
                 "advantage_estimator", "scale_rewards", "loss_type", "epsilon", "lr_scheduler_type", "seed")
         return {k: getattr(self, k) for k in keys}
 
@@ -268,6 +274,8 @@ class MRLConfig(GRPOConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
                 fail(name, value, "it must be a finite number >= 0.")
+        if self.supervised_turns not in SUPERVISED_TURNS:
+            fail("supervised_turns", self.supervised_turns, f"choose one of {SUPERVISED_TURNS}.")
         if self.kl_reference not in KL_REFERENCES:
             fail("kl_reference", self.kl_reference, f"choose one of {KL_REFERENCES}.")
         if self.freeze_schedule is None:
@@ -901,7 +909,8 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         if supervised:
             leaders = torch.zeros(R, dtype=torch.bool, device=seq_ids.device)
             leaders[_group_leaders(inputs.get("memory_group"), R).to(seq_ids.device)] = True
-            last = max(last, int(present.any(0).nonzero().max()))
+            if self.args.supervised_turns == "all":
+                last = max(last, int(present.any(0).nonzero().max()))
             nll_sum, nll_tokens = logps.new_zeros(()), 0
         for t in range(last + 1):
             rows = scored[:, t].nonzero().squeeze(1)
@@ -915,7 +924,8 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                 ent_rows.append(F.pad(ent, (1, 0)))
                 index.append((rows, t))
             if supervised:
-                rows = (leaders & present[:, t]).nonzero().squeeze(1)
+                taught = scored[:, t] if self.args.supervised_turns == "rewarded" else present[:, t]
+                rows = (leaders & taught).nonzero().squeeze(1)
                 if rows.numel():
                     ref, labels = inputs["ref_ids"][rows, t], inputs["ref_labels"][rows, t]  # [n, T]
                     out = forward_model(input_ids=ref, attention_mask=(ref != self._ids["pad"]).long(), stm_state=stm[rows])
