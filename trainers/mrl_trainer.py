@@ -31,7 +31,10 @@ Overridden private methods of GRPOTrainer 1.16.0 (re-check them when TRL is upgr
   STM), so the policy loss of turn k reaches memory attention and, when unfrozen, the encoder. The loss is
   IMPO (Implicit Memory Policy Optimization): the clipped surrogate (no GAE; advantage = group baseline),
   plus ``kl_coef`` x KL to the previous step's policy (or the initial policy), plus ``memory_reg_coef`` x the
-  mean squared difference between consecutive STMs.
+  mean squared difference between consecutive STMs. Optionally (``supervised_coef`` > 0, off by default) plus a
+  supervised term in the manner of InstructGPT's PPO-ptx: the teacher-forced cross-entropy of the reference
+  answers of every turn (``supervised_turns="all"``) or of the rewarded turns (``"rewarded"``), each read with
+  the re-played STM, one pass per conversation.
 - ``training_step``: applies the freezing schedule (``freeze_schedule``) before TRL's step.
 
 ``beta`` (TRL's reference-model KL, which would reload the model from the Hub by name) must stay 0: the IMPO
@@ -59,7 +62,8 @@ normal STM (std ``stm_reset_std``) instead of ``init_memory``. ``freeze_schedule
 Metrics logged every logging step (``logging_steps=1`` for every step): ``rewards/<fn>/mean`` and ``/std``
 per reward function (and ``rewards/<component>/mean`` from a ``CombinedReward``), ``reward``, ``reward_std``,
 ``kl``, ``stm_change`` (mean squared STM difference per memory update), ``memory_loss``, ``clip_fraction``,
-``answer_length``, ``entropy``, ``policy_loss``, ``curriculum/steps``, ``curriculum/stage``, ``stm_reset``.
+``answer_length``, ``entropy``, ``policy_loss``, ``curriculum/steps``, ``curriculum/stage``, ``stm_reset``
+(and ``supervised_loss`` when the supervised term is on).
 
 Advantage: the group baseline by default; with ``advantage_estimator="critic"`` the reward minus the memory-aware
 critic's ``V(query, STM)`` (:mod:`trainers.mrl_critic`: a copy of the policy's embedding + decoder with a value
