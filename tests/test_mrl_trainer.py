@@ -289,7 +289,8 @@ def test_supervised_term_is_the_reference_answer_cross_entropy(tmp_path, mrl_dat
     loss = trainer.compute_loss(trainer.model, batch)
     assert loss.item() == pytest.approx(0.5 * supervised.item(), rel=1e-4)
     loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.component_parameters()["memory_attention"])
+    memory_attention = trainer.component_parameters()["memory_attention"]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in memory_attention)
     # only the rewarded turns
     trainer.args.supervised_turns = "rewarded"
     with torch.no_grad():

@@ -224,7 +224,8 @@ class MRLConfig(GRPOConfig):
         keys = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                 "num_generations", "max_completion_length", "temperature", "curriculum_steps", "curriculum_starts",
                 "curriculum_strategies", "long_range_min_distance", "own_answers_from_stage", "stm_reset_probability",
-                "memory_reg_coef", "kl_coef", "supervised_coef", "supervised_turns", "kl_reference", "freeze_schedule", "reward_functions", "reward_weights",
+                "memory_reg_coef", "kl_coef", "supervised_coef", "supervised_turns", "kl_reference", "freeze_schedule",
+                "reward_functions", "reward_weights",
                 "advantage_estimator", "scale_rewards", "loss_type", "epsilon", "lr_scheduler_type", "seed")
         return {k: getattr(self, k) for k in keys}
 
@@ -454,21 +455,19 @@ def shared_memory_update(model, stm: torch.Tensor, input_ids: torch.Tensor, atte
     ``memory_group`` ``[R]`` (any order, as after TRL's shuffling) or None (every row on its own)."""
     if memory_group is None:
         return model.update_memory(stm, input_ids, attention_mask)
-    groups, inverse = torch.unique(memory_group, return_inverse=True)
-    if groups.numel() == memory_group.numel():
+    first, inverse = _group_leaders(memory_group)  # [groups], [R]
+    if first.numel() == memory_group.numel():
         return model.update_memory(stm, input_ids, attention_mask)
-    first = _group_leaders(memory_group, memory_group.numel())  # [groups]
     new = model.update_memory(stm[first], input_ids[first], attention_mask[first])  # [groups, L, S, D]
     return new[inverse]  # [R, L, S, D]
 
 
-def _group_leaders(memory_group: torch.Tensor | None, num_rows: int) -> torch.Tensor:
-    """Index of the first row of every memory group (all rows when ``memory_group`` is None)."""
-    if memory_group is None:
-        return torch.arange(num_rows)
+def _group_leaders(memory_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first [groups], inverse [R])``: the first row of every memory group and each row's group index."""
     groups, inverse = torch.unique(memory_group, return_inverse=True)
     rows = torch.arange(memory_group.numel(), device=memory_group.device)
-    return torch.full_like(groups, memory_group.numel()).scatter_reduce(0, inverse, rows, "amin")
+    first = torch.full_like(groups, memory_group.numel()).scatter_reduce(0, inverse, rows, "amin")
+    return first, inverse
 
 
 def _pad(seqs: list[list[int]], pad: int, left: bool = False, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -744,6 +743,7 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         initial_stm = stm.clone()
         completions: dict[tuple[int, int], list[int]] = {}
         mem_seqs: dict[tuple[int, int], list[int]] = {}
+        ref_frames: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         prompts_tok: dict[tuple[int, int], list[int]] = {}
         states: dict[tuple[int, int], torch.Tensor] = {}  # the STM each scored answer read (for the critic)
         gen_kwargs = dict(do_sample=True, max_new_tokens=self.max_completion_length, temperature=self.temperature,
@@ -772,10 +772,11 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                     completions[r, t] = seq
             present = [r for r in range(R) if t < len(episodes[r])]
             for r in present:
-                answer = a_ids[r, t]
+                ref_frames[r, t] = _frame(q_ids[r, t], a_ids[r, t], max_len, ids)[:2]  # (input ids, answer labels)
+                mem_seqs[r, t] = ref_frames[r, t][0]
                 if own and (r, t) in completions:
                     answer = [s for s in completions[r, t] if s not in (ids["eos"], ids["pad"])]
-                mem_seqs[r, t] = _frame(q_ids[r, t], answer, max_len, ids)[0]
+                    mem_seqs[r, t] = _frame(q_ids[r, t], answer, max_len, ids)[0]
             if t < N - 1:
                 m_ids, m_mask = _pad([mem_seqs.get((r, t), []) for r in range(R)], ids["pad"])
                 m_ids, m_mask = m_ids.to(device), m_mask.to(device)
@@ -794,11 +795,10 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
             mem_ids[r, t, : len(s)] = torch.tensor(s)
             mem_mask[r, t, : len(s)] = 1
         if self.args.supervised_coef > 0:  # reference interactions with answer-only labels, for the supervised term
-            frames = {(r, t): _frame(q_ids[r, t], a_ids[r, t], max_len, ids)[:2] for r, t in mem_seqs}
-            Tr = max(len(f[0]) for f in frames.values())
+            Tr = max(len(f[0]) for f in ref_frames.values())
             ref_ids = torch.full((R, N, Tr), ids["pad"], dtype=torch.long)
             ref_labels = torch.full((R, N, Tr), IGNORE_INDEX, dtype=torch.long)
-            for (r, t), (full, labels) in frames.items():
+            for (r, t), (full, labels) in ref_frames.items():
                 ref_ids[r, t, : len(full)] = torch.tensor(full)
                 ref_labels[r, t, : len(labels)] = torch.tensor(labels)
         L = max([len(prompts_tok[k]) + len(completions[k]) for k in completions] + [2])
@@ -897,7 +897,8 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         attention, with gradients when grad mode is on. ``stm_mse`` is the mean over memory updates of the mean
         squared STM difference. ``forward_model`` (default ``model``) runs the decoder (the prepared wrapper).
         With ``supervised`` (and ``ref_ids`` / ``ref_labels`` in ``inputs``), ``supervised_loss`` is the token-mean
-        cross-entropy of the reference answers of every turn, one row per memory group; otherwise None.
+        cross-entropy of the reference answers of the turns ``supervised_turns`` names, one row per memory group;
+        otherwise None.
         """
         forward_model = forward_model or model
         stm = inputs["initial_stm"]
@@ -911,8 +912,11 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         last = int(scored.any(0).nonzero().max()) if scored.any() else -1
         supervised = supervised and "ref_ids" in inputs
         if supervised:
-            leaders = torch.zeros(R, dtype=torch.bool, device=seq_ids.device)
-            leaders[_group_leaders(inputs.get("memory_group"), R).to(seq_ids.device)] = True
+            group = inputs.get("memory_group")
+            leaders = torch.ones(R, dtype=torch.bool, device=seq_ids.device)  # one teacher-forced row per group
+            if group is not None:
+                leaders[:] = False
+                leaders[_group_leaders(group)[0].to(seq_ids.device)] = True
             if self.args.supervised_turns == "all":
                 last = max(last, int(present.any(0).nonzero().max()))
             nll_sum, nll_tokens = logps.new_zeros(()), 0
@@ -932,7 +936,8 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                 rows = (leaders & taught).nonzero().squeeze(1)
                 if rows.numel():
                     ref, labels = inputs["ref_ids"][rows, t], inputs["ref_labels"][rows, t]  # [n, T]
-                    out = forward_model(input_ids=ref, attention_mask=(ref != self._ids["pad"]).long(), stm_state=stm[rows])
+                    ref_mask = (ref != self._ids["pad"]).long()
+                    out = forward_model(input_ids=ref, attention_mask=ref_mask, stm_state=stm[rows])
                     targets = labels[:, 1:]
                     nll_sum = nll_sum + F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), targets.flatten(),
                                                         ignore_index=IGNORE_INDEX, reduction="sum")
