@@ -912,13 +912,15 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         last = int(scored.any(0).nonzero().max()) if scored.any() else -1
         supervised = supervised and "ref_ids" in inputs
         if supervised:
+            # [R, N]: the (row, turn) pairs taught, one teacher-forced row per memory group
+            taught = scored if self.args.supervised_turns == "rewarded" else present
             group = inputs.get("memory_group")
-            leaders = torch.ones(R, dtype=torch.bool, device=seq_ids.device)  # one teacher-forced row per group
             if group is not None:
-                leaders[:] = False
+                leaders = torch.zeros(R, dtype=torch.bool, device=seq_ids.device)
                 leaders[_group_leaders(group)[0].to(seq_ids.device)] = True
-            if self.args.supervised_turns == "all":
-                last = max(last, int(present.any(0).nonzero().max()))
+                taught = taught & leaders[:, None]
+            if taught.any():
+                last = max(last, int(taught.any(0).nonzero().max()))
             nll_sum, nll_tokens = logps.new_zeros(()), 0
         for t in range(last + 1):
             rows = scored[:, t].nonzero().squeeze(1)
@@ -932,8 +934,7 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                 ent_rows.append(F.pad(ent, (1, 0)))
                 index.append((rows, t))
             if supervised:
-                taught = scored[:, t] if self.args.supervised_turns == "rewarded" else present[:, t]
-                rows = (leaders & taught).nonzero().squeeze(1)
+                rows = taught[:, t].nonzero().squeeze(1)
                 if rows.numel():
                     ref, labels = inputs["ref_ids"][rows, t], inputs["ref_labels"][rows, t]  # [n, T]
                     ref_mask = (ref != self._ids["pad"]).long()
