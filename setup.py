@@ -26,12 +26,13 @@ setup(
     },
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.23,<5.24",  # 5.24 renames past_key_values to cache in model outputs
+        "transformers>=5.23,<6",
         "accelerate>=1.0",
         "peft>=0.13",
-        "trl==1.16.0",
+        # MRL / RxRLHF override TRL's private GRPOTrainer / DPOTrainer methods (_generate_and_score_completions,
+        # _compute_loss, _calculate_rewards, _prepare_dataset, _set_signature_columns_if_needed): one minor series.
+        "trl>=1.16,<1.17",
         "datasets>=3.0",
-        "evaluate>=0.4",
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tqdm",

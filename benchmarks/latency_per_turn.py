@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from modeling_rxt import CACHE_FIELD, output_cache
+
 from . import timing
 from .common import (
     DEFAULT_PRESET,
@@ -144,7 +146,7 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
                 rec["encoder_tokens"].append(encoder_tokens)
                 rec["tokens_processed"].append(decoder_tokens + encoder_tokens)
                 rec["state_bytes"].append(stm.numel() * stm.element_size())
-                rec["turn_cache_bytes"].append(cache_bytes(output.past_key_values))
+                rec["turn_cache_bytes"].append(cache_bytes(output_cache(output)))
                 rec["context_tokens"].append(interaction.shape[1])
 
                 # --- (a) stateless, full history re-encoded -------------------------------------------
@@ -161,7 +163,7 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
                 rec["tokens_processed"].append(tokens)
                 rec["state_bytes"].append(0)  # nothing but the text is kept between turns
                 rec["history_token_bytes"].append(history.numel() * history.element_size())
-                rec["turn_cache_bytes"].append(cache_bytes(output.past_key_values))
+                rec["turn_cache_bytes"].append(cache_bytes(output_cache(output)))
                 rec["context_tokens"].append(history.shape[1])
 
                 # --- (b) stateless, KV cache kept between turns ----------------------------------------
@@ -169,11 +171,11 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
                 ttfts, totals = [], []
                 for _ in range(repeats):
                     cache = copy.deepcopy(kv_cache)  # each repeat starts from the same cached history
-                    extra = {} if cache is None else {"past_key_values": cache}
+                    extra = {} if cache is None else {CACHE_FIELD: cache}
                     ttft, total, output, tokens = _timed_generate(llama, prompt, llama_counter, timer, **kw, **extra)
                     ttfts.append(ttft)
                     totals.append(total)
-                kv_cache, kv_sequences = output.past_key_values, output.sequences
+                kv_cache, kv_sequences = output_cache(output), output.sequences
                 identical_histories &= bool(torch.equal(kv_sequences, history))
                 rec = records["stateless_kv_cache"]
                 rec["ttft_s"].append(timing.summarize(ttfts))

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from modeling_rxt import CACHE_FIELD
+
 from . import timing
 from .common import (
     DEFAULT_PRESET,
@@ -39,7 +41,7 @@ def generate_both(model, query, stm, answer_length: int) -> dict:
     mask = torch.ones_like(query)
     outputs = {}
     for path in ("precached", "recomputed"):
-        extra = {"past_key_values": new_recomputed_memory_cache(model)} if path == "recomputed" else {}
+        extra = {CACHE_FIELD: new_recomputed_memory_cache(model)} if path == "recomputed" else {}
         with CallCounter(memory_key_projections(model)) as counter:
             out = model.generate(
                 query, attention_mask=mask, stm_state=stm, return_dict_in_generate=True, output_logits=True, **kw, **extra
@@ -71,7 +73,7 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
             return model.generate(query, attention_mask=mask, stm_state=stm, **kw)
 
         def recomputed(cache):
-            return model.generate(query, attention_mask=mask, stm_state=stm, past_key_values=cache, **kw)
+            return model.generate(query, attention_mask=mask, stm_state=stm, **{CACHE_FIELD: cache}, **kw)
 
         def fresh_cache():
             return new_recomputed_memory_cache(model)

@@ -11,12 +11,14 @@ from .configuration_rxt import PRESETS, RxTConfig
 from .interaction_rxt import InteractionEvent, RxTChat, load_memory, save_memory
 from .tokenization_rxt import build_tokenizer, decode_interaction, encode_interaction, special_token_ids
 from .modeling_rxt import (
+    CACHE_FIELD,
     RxTCausalLMOutput,
     RxTEncoderOutput,
     RxTForCausalLM,
     RxTModel,
     RxTModelOutput,
     RxTPreTrainedModel,
+    output_cache,
 )
 
 AutoConfig.register("rxt", RxTConfig, exist_ok=True)
@@ -45,4 +47,6 @@ __all__ = [
     "RxTModelOutput",
     "RxTCausalLMOutput",
     "RxTEncoderOutput",
+    "CACHE_FIELD",
+    "output_cache",
 ]

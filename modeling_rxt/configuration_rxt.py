@@ -109,7 +109,7 @@ class RxTConfig(PreTrainedConfig):
     """
 
     model_type = "rxt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 7500
     hidden_size: int = 128

@@ -26,6 +26,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
@@ -38,26 +39,36 @@ logger = logging.get_logger(__name__)
 # ------------------------------------------------------------------------------------------------------
 # outputs
 
+# transformers 5.24 renamed the cache field of every model output from `past_key_values` to `cache` (and passes
+# `cache=` to `forward` during generation). The outputs below extend transformers' own classes, so they carry
+# whichever name the installed version declares; the model fills and reads it through `CACHE_FIELD`.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 @dataclass
-class RxTModelOutput(ModelOutput):
+class RxTModelOutput(BaseModelOutputWithPast):
     """Decoder output of [`RxTModel`]: last hidden state, self-attention + memory cache, MoE aux loss."""
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
     router_aux_loss: torch.FloatTensor | None = None
 
 
 @dataclass
-class RxTCausalLMOutput(ModelOutput):
+class RxTCausalLMOutput(CausalLMOutputWithPast):
     """Output of [`RxTForCausalLM`]. `loss` is the token cross-entropy plus `router_aux_loss_coef * router_aux_loss`."""
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
     router_aux_loss: torch.FloatTensor | None = None
+
+
+def output_cache(outputs: ModelOutput) -> Cache | None:
+    """The cache of a model or `generate()` output, whatever the installed transformers calls the field."""
+    return getattr(outputs, CACHE_FIELD, None)
+
+
+def pick_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """`forward` takes the cache under either name: generation passes `cache=` from transformers 5.24 on."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("Got both cache= and past_key_values= (two different caches): pass one of them.")
+    return cache if cache is not None else past_key_values
 
 
 @dataclass
@@ -645,7 +656,7 @@ class RxTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttentionLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -843,9 +854,9 @@ class RxTModel(RxTPreTrainedModel):
         )
         return RxTModelOutput(
             last_hidden_state=hidden,
-            past_key_values=past_key_values,
             hidden_states=all_hidden,
             router_aux_loss=aux_loss,
+            **{CACHE_FIELD: past_key_values},
         )
 
     def forward(
@@ -859,6 +870,7 @@ class RxTModel(RxTPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_aux_loss: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> RxTModelOutput:
         r"""
@@ -866,7 +878,10 @@ class RxTModel(RxTPreTrainedModel):
             The conversation's Short-Term Memory; absent means a fresh memory (`init_memory`).
         output_router_aux_loss (`bool`, *optional*):
             Compute the MoE load-balancing loss (`router_aux_loss`); defaults to `self.training`.
+        cache (`Cache`, *optional*):
+            The name transformers >= 5.24 gives `past_key_values`; either name is accepted.
         """
+        past_key_values = pick_cache(past_key_values, cache)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if output_hidden_states is None:
@@ -1010,6 +1025,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         output_router_aux_loss: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> RxTCausalLMOutput:
         r"""
@@ -1027,7 +1043,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             stm_state=stm_state,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=pick_cache(past_key_values, cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -1048,9 +1064,9 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         return RxTCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             router_aux_loss=outputs.router_aux_loss,
+            **{CACHE_FIELD: output_cache(outputs)},
         )
 
 
@@ -1061,4 +1077,6 @@ __all__ = [
     "RxTModelOutput",
     "RxTCausalLMOutput",
     "RxTEncoderOutput",
+    "CACHE_FIELD",
+    "output_cache",
 ]

@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Everything runs on CPU, offline, in seconds."""
 
 import os
+import sys
 
 # No network in tests: set before transformers / huggingface_hub are imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -9,6 +10,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+
+def remote_python() -> str:
+    """The interpreter of the remote-code loading tests: `$RXT_REMOTE_PYTHON` when set (a virtualenv with torch and
+    transformers but not this project, e.g. the newest transformers: `.ci/run` makes one), else this interpreter
+    (whose subprocess never imports the project either)."""
+    return os.environ.get("RXT_REMOTE_PYTHON") or sys.executable
+
+
+def remote_env(tmp_path) -> dict[str, str]:
+    """A clean offline environment for a remote-code subprocess: no project on the path, its own HF cache."""
+    import torch
+
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),  # same kernels as this process: bit-identical logits
+    }
 
 _NAMES = ["Ann", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana"]
 _THINGS = ["apple", "book", "cat", "dog", "kite", "lamp", "pen", "ship"]

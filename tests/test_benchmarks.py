@@ -28,7 +28,7 @@ from benchmarks.common import (
     stm_bytes,
 )
 from benchmarks.memory_precache import generate_both
-from modeling_rxt import RxTConfig
+from modeling_rxt import CACHE_FIELD, RxTConfig, output_cache
 
 PAYLOAD_KEYS = {"name", "description", "smoke", "created", "duration_s", "machine", "config", "results", "targets", "plots", "notes"}
 TARGET_KEYS = {"description", "measured", "target", "comparison", "met"}
@@ -191,11 +191,11 @@ def test_recomputed_memory_cache_replaces_instead_of_appending():
     cache = RecomputedMemoryCache(model.config)
     kw = generation_kwargs(4, model.config.pad_token_id, model.config.eos_token_id)
     with torch.inference_mode(), CallCounter(memory_key_projections(model)) as counter:
-        out = model.generate(query, stm_state=model.init_memory(1), past_key_values=cache, return_dict_in_generate=True, **kw)
-    cross = out.past_key_values.cross_attention_cache
+        out = model.generate(query, stm_state=model.init_memory(1), return_dict_in_generate=True, **{CACHE_FIELD: cache}, **kw)
+    cross = output_cache(out).cross_attention_cache
     for layer in cross.layers:
         assert layer.keys.shape[-2] == model.config.stm_size  # one STM's worth, not one per step
-    assert out.past_key_values.self_attention_cache.get_seq_length() == query.shape[1] + 4 - 1
+    assert output_cache(out).self_attention_cache.get_seq_length() == query.shape[1] + 4 - 1
     assert counter.calls == model.config.num_hidden_layers * 4
 
 
@@ -223,9 +223,9 @@ def test_llama_kv_bytes_arithmetic_matches_a_real_cache():
     kw = generation_kwargs(5, rxt_config.pad_token_id, rxt_config.eos_token_id)
     with torch.inference_mode():
         out = llama.generate(ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True, **kw)
-    cached = out.past_key_values.get_seq_length()
+    cached = output_cache(out).get_seq_length()
     assert cached == 7 + 5 - 1
-    assert cache_bytes(out.past_key_values) == llama_kv_bytes(c, cached)
+    assert cache_bytes(output_cache(out)) == llama_kv_bytes(c, cached)
 
 
 def test_llama_baseline_matches_rxt_sizes():

@@ -4,12 +4,12 @@ import copy
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from conftest import remote_env, remote_python
 from modeling_rxt import RxTConfig, RxTForCausalLM, RxTModel
 from modeling_rxt.modeling_rxt import RotaryTables
 from transformers import AutoModelForCausalLM
@@ -412,7 +412,14 @@ REMOTE_LOADER = textwrap.dedent(
     inputs = torch.load(folder + "/inputs.pt")
     with torch.no_grad():
         out = model(inputs["ids"], stm_state=inputs["stm"])
-    result = out.logits if auto_name == "AutoModelForCausalLM" else out.last_hidden_state
+    result = {"output": out.logits if auto_name == "AutoModelForCausalLM" else out.last_hidden_state}
+    if auto_name == "AutoModelForCausalLM":  # two turns of a conversation: generate, write memory, generate again
+        stm = inputs["stm"]
+        for turn in range(2):
+            answer = model.generate(inputs["ids"], stm_state=stm, max_new_tokens=5, do_sample=False)
+            stm = model.update_memory(stm, answer)
+            result[f"answer{turn}"] = answer
+        result["stm"] = stm
     torch.save(result, folder + "/" + auto_name + ".pt")
     """
 )
@@ -434,6 +441,8 @@ def test_save_pretrained_writes_safetensors_modeling_files_and_auto_map(tmp_path
 
 @pytest.mark.parametrize("auto_name", ["AutoConfig", "AutoModel", "AutoModelForCausalLM"])
 def test_remote_code_round_trip_in_a_fresh_process(tmp_path, auto_name):
+    """Load a saved folder in a process that never imports the project (with `$RXT_REMOTE_PYTHON`: another
+    virtualenv, e.g. the newest transformers) and check logits, and a two-turn generate + memory update."""
     model = tiny_model()
     folder = tmp_path / "rxt-tiny"
     model.save_pretrained(folder)
@@ -442,17 +451,10 @@ def test_remote_code_round_trip_in_a_fresh_process(tmp_path, auto_name):
     torch.save({"ids": ids, "stm": stm}, folder / "inputs.pt")
     script = tmp_path / "load.py"
     script.write_text(REMOTE_LOADER)
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),  # same kernels as this process: bit-identical logits
-    }
     result = subprocess.run(
-        [sys.executable, str(script), str(folder), auto_name],
+        [remote_python(), str(script), str(folder), auto_name],
         cwd=tmp_path,
-        env=env,
+        env=remote_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=300,
@@ -464,8 +466,14 @@ def test_remote_code_round_trip_in_a_fresh_process(tmp_path, auto_name):
     loaded = torch.load(folder / f"{auto_name}.pt")
     with torch.no_grad():
         out = model(ids, stm_state=stm) if auto_name == "AutoModelForCausalLM" else model.model(ids, stm_state=stm)
-    expected = out.logits if auto_name == "AutoModelForCausalLM" else out.last_hidden_state
-    assert torch.equal(loaded, expected)
+        expected = out.logits if auto_name == "AutoModelForCausalLM" else out.last_hidden_state
+        assert torch.equal(loaded["output"], expected)
+        if auto_name == "AutoModelForCausalLM":
+            for turn in range(2):
+                answer = model.generate(ids, stm_state=stm, max_new_tokens=5, do_sample=False)
+                stm = model.update_memory(stm, answer)
+                assert torch.equal(loaded[f"answer{turn}"], answer)
+            torch.testing.assert_close(loaded["stm"], stm)
 
 
 def test_memory_can_ignore_template_tokens():

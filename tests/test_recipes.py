@@ -1,15 +1,14 @@
 """Recipes and the `rxt` command: validation before training, a tiny end-to-end run, restarts, eval, chat."""
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import yaml
 
+from conftest import remote_env, remote_python
 from recipes.cli import main
 from recipes.recipe import load_recipe, parse_recipe
 
@@ -156,9 +155,9 @@ def test_tiny_recipe_end_to_end_restart_eval_and_chat(tmp_path, capsys, monkeypa
     # the saved model chats with memory in a process that never imports the project
     script = tmp_path / "remote_chat.py"
     script.write_text(REMOTE_CHAT)
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, str(script), str(out / "final")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [remote_python(), str(script), str(out / "final")],
+        cwd=tmp_path, env=remote_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[1, 2, 8, 32]"
