@@ -253,6 +253,51 @@ def test_local_parquet_directory_splits(tmp_path):
     assert single.to_list() == sft["test"].to_list()
 
 
+def _mrl_rows(n, steps, tag):
+    """Rows in the column layout of ReactiveAI/TinyStories-MRL: query, answer, interactions [{query, answer}]."""
+    return [{"query": f"{tag} story {i}?", "answer": f"Once {i}.",
+             "interactions": [{"query": f"Then {i}.{k}?", "answer": f"Next {k}."} for k in range(steps)]}
+            for i in range(n)]
+
+
+def test_local_folder_in_hub_layout_subset_and_named_splits(tmp_path):
+    import json
+
+    folder = tmp_path / "TinyStories-MRL"
+    for subset, splits in {"steps-2": ("train", "validation"), "steps-6": ("train", "validation", "supervised")}.items():
+        (folder / subset).mkdir(parents=True)
+        for split in splits:
+            rows = _mrl_rows(3, int(subset[-1]), f"{subset}/{split}")
+            (folder / subset / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dd = load_rxt_dataset(str(folder), "multi-turn", subset="steps-6", split_names=["supervised"])
+    assert set(dd) == {"train", "validation", "supervised"}
+    assert dd["supervised"][0]["query"] == "steps-6/supervised story 0?"
+    assert [len(t) for t in dd["supervised"]["interactions"]] == [6, 6, 6]
+    # without the split name the folder's files are not all split names: everything is one train split
+    assert set(load_rxt_dataset(str(folder), "multi-turn", subset="steps-6")) == {"train"}
+    assert load_rxt_dataset(str(folder), "multi-turn", subset="steps-2", split="validation")[1]["answer"] == "Once 1."
+    with pytest.raises(ValueError, match=r"subset='steps-9'.*sub-folders: \['steps-2', 'steps-6'\]"):
+        load_rxt_dataset(str(folder), "multi-turn", subset="steps-9")
+    with pytest.raises(ValueError, match="subset='steps-2' needs a Hub data set or a local folder"):
+        load_rxt_dataset("synthetic", "multi-turn", subset="steps-2")
+
+
+def test_hub_source_passes_the_subset_as_config_name(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split, kwargs))
+        rows = _mrl_rows(2, 2, "hub")
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    dd = load_rxt_dataset("ReactiveAI/TinyStories-MRL", "multi-turn", subset="steps-2")
+    assert calls == [("ReactiveAI/TinyStories-MRL", "steps-2", None, {})]
+    assert dd["train"][0]["interactions"][1] == {"query": "Then 0.1?", "answer": "Next 1."}
+
+
 def test_missing_column_and_bad_mapping(tmp_path):
     path = tmp_path / "texts.json"
     path.write_text('[{"body": "One story."}, {"body": "Another story."}]')

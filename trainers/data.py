@@ -77,8 +77,9 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind={kind!r} is not a data set kind; use one of {tuple(REQUIRED_COLUMNS)}.")
 
 
-def _local_data_files(source: str) -> tuple[str, Any]:
-    """Return (builder name, data_files) for a local file or directory."""
+def _local_data_files(source: str, split_names: Sequence[str] = ()) -> tuple[str, Any]:
+    """Return (builder name, data_files) for a local file or directory (``split_names``: file-name stems that
+    name splits besides train / validation / test and their aliases, e.g. ``supervised``)."""
     if os.path.isdir(source):
         files = sorted(
             os.path.join(root, f)
@@ -103,12 +104,13 @@ def _local_data_files(source: str) -> tuple[str, Any]:
         )
     builder = builders.pop()
     # In a directory, files named after splits (train.jsonl, validation-0000.parquet,
-    # dev.json ...) become those splits; otherwise (and for a single file) everything is the
-    # "train" split, as with datasets.load_dataset(builder, data_files=...).
+    # dev.json, or one of split_names ...) become those splits; otherwise (and for a single file)
+    # everything is the "train" split, as with datasets.load_dataset(builder, data_files=...).
     by_split: dict[str, list[str]] = {}
+    extra = {name.lower(): name for name in split_names}
     for f in (files if os.path.isdir(source) else []):
         stem = re.split(r"[-_.]", os.path.basename(f))[0].lower()
-        split = _SPLIT_ALIASES.get(stem)
+        split = _SPLIT_ALIASES.get(stem, extra.get(stem))
         if split is None:
             by_split = {}
             break
@@ -172,8 +174,23 @@ def _validate(ds, kind: str) -> None:
                     )
 
 
+def _local_subset(source: str, subset: str) -> str:
+    """The sub-folder ``subset`` of the local folder ``source`` (the layout of a Hub data set with configs)."""
+    folder = os.path.join(source, subset)
+    if not os.path.isdir(folder):
+        found = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d))) \
+            if os.path.isdir(source) else []
+        raise ValueError(
+            f"subset={subset!r}: the local source {source!r} has no sub-folder {subset!r} (sub-folders: {found}). "
+            "Fix: put the subset's files in <source>/<subset>/ (as a Hub data set with configs lays them out), "
+            "or drop the subset."
+        )
+    return folder
+
+
 def load_rxt_dataset(source: str | None, kind: str, split: str | None = None,
-                     column_mapping: dict[str, str] | None = None, **synthetic_kwargs):
+                     column_mapping: dict[str, str] | None = None, subset: str | None = None,
+                     split_names: Sequence[str] = (), **synthetic_kwargs):
     """Load a data set for one curriculum stage, rename its columns and validate them.
 
     Args:
@@ -190,7 +207,13 @@ def load_rxt_dataset(source: str | None, kind: str, split: str | None = None,
             :func:`trainers.preference_data.build_preference_dataset`).
         split: return only this split (a ``datasets.Dataset``); ``None`` returns the whole
             ``DatasetDict``.
-        column_mapping: ``{old_name: new_name}`` renames applied before validation.
+        column_mapping: ``{old_name: new_name}`` renames applied before validation; the items of
+            ``interactions`` must already have ``query`` / ``answer`` fields.
+        subset: a Hub data set's config name (``datasets.load_dataset(source, subset)``, e.g.
+            ``"steps-6"`` of ``ReactiveAI/TinyStories-MRL``); for a local folder, its sub-folder of that
+            name, so a local copy laid out as ``<folder>/steps-6/train.jsonl`` stands in for the Hub set.
+        split_names: for a local folder, more file-name stems read as split names (besides train /
+            validation / test and their aliases), e.g. ``("supervised",)`` for ``supervised.jsonl``.
         **synthetic_kwargs: for the synthetic source, arguments of ``build_synthetic_dataset``
             (``num_conversations``, ``num_turns``, ``max_recall_distance``, ``seed``,
             ``split_fractions``); for a Hub source, extra ``datasets.load_dataset`` arguments
@@ -202,6 +225,11 @@ def load_rxt_dataset(source: str | None, kind: str, split: str | None = None,
     _check_kind(kind)
     import datasets
 
+    if subset is not None and (source is None or source == "synthetic"):
+        raise ValueError(
+            f"subset={subset!r} needs a Hub data set or a local folder as source (got source={source!r}); "
+            "drop the subset for the synthetic data."
+        )
     if (source is None or source == "synthetic") and kind == "preference":
         from .preference_data import build_preference_dataset
 
@@ -214,10 +242,11 @@ def load_rxt_dataset(source: str | None, kind: str, split: str | None = None,
                 f"unexpected arguments {sorted(synthetic_kwargs)} for the local source "
                 f"{source!r}; they only apply to source=None/'synthetic' or a Hub data set."
             )
-        builder, data_files = _local_data_files(source)
+        folder = _local_subset(source, subset) if subset is not None else source
+        builder, data_files = _local_data_files(folder, split_names)
         ds = datasets.load_dataset(builder, data_files=data_files)
     else:  # Hub data set name
-        ds = datasets.load_dataset(source, split=split, **synthetic_kwargs)
+        ds = datasets.load_dataset(source, subset, split=split, **synthetic_kwargs)
 
     if split is not None and isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in ds:
