@@ -15,10 +15,18 @@ import copy
 
 from transformers import PreTrainedConfig
 
-MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "gated-self-interlayer")
-GATE_TYPES = ("static", "elementwise", "linear")
+MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "gated-self-interlayer", "self-interlayer")
+# "none": plain residual `old + update`; "replace": no residual, the update replaces the old state
+GATE_TYPES = ("static", "elementwise", "linear", "none", "replace")
 GATE_ACTIVATIONS = ("sigmoid", "tanh")
-GATE_GRANULARITIES = ("slot", "layer")
+GATE_GRANULARITIES = ("slot", "layer", "scalar")
+GATE_SLOT_STATUSES = ("mean", "linear")
+NORM_TYPES = ("rms", "layer")
+FINAL_NORM_TYPES = ("rms", "layer", "none")
+MEMORY_NORM_TYPES = ("rms", "gated-layer", "gated-rms", "gated-ema-rms")
+MEMORY_NORM_SCALES = ("feature", "slot")
+ROUTER_SOFTMAX = ("top_k", "all")
+ACTIVATIONS = ("silu", "swish", "gelu", "relu", "sigmoid", "linear")
 STM_INIT_MODES = ("learned", "zeros", "normal")
 INIT_SCHEMES = ("fan_in", "normal")
 FEED_FORWARD_TYPES = ("moe", "dense")
@@ -172,6 +180,54 @@ class RxTConfig(PreTrainedConfig):
     # keep the template tokens ([BOS] [EOS] [PAD] [Q] [A] [T]), identical in every interaction, out of memory writes
     memory_ignores_template_tokens: bool = False
 
+    # ----------------------------------------------------------------------------------------------
+    # Switches that reproduce what another implementation computes (set by `rxt convert`, see
+    # docs/conversion.md). The defaults are this project's own architecture.
+    # norms of the decoder / encoder layers ("rms" or "layer": LayerNorm with bias, eps `layer_norm_eps`)
+    norm_type: str = "rms"
+    layer_norm_eps: float = 1e-5
+    # norm after the last decoder layer, before the LM head ("rms", "layer" or "none")
+    decoder_final_norm: str = "rms"
+    # norms of the STM inside the memory attention network: "rms" (RMSNorm), or a gated blend
+    # `sigmoid(g) * scale * normalise(x) + (1 - sigmoid(g)) * x` with normalise = LayerNorm ("gated-layer"),
+    # `x / sqrt(rms(x) + eps)` ("gated-rms") or `x / sqrt(ema_rms + eps)` with stored per-slot statistics
+    # ("gated-ema-rms"; its scale per "feature" or per "slot")
+    memory_norm_type: str = "rms"
+    memory_norm_eps: float = 1e-6
+    memory_norm_scale: str = "feature"
+    # output-projection bias of self-attention and memory cross-attention (None: `attention_bias`) and of the
+    # memory attention network (None: as the others)
+    attention_output_bias: bool | None = None
+    memory_attention_output_bias: bool | None = None
+    # query / key-value heads of the first attention of the "self" / interlayer variants (None: memory attention's)
+    memory_pre_attention_query_heads: int | None = None
+    memory_pre_attention_key_value_heads: int | None = None
+    # feed-forward biases (dense SwiGLU; routed experts; shared experts) and MoE details
+    mlp_bias: bool = False
+    moe_expert_bias: bool = False
+    moe_shared_expert_bias: bool = False
+    # a learned vector added to the routed experts' weighted sum / to the shared experts' output
+    moe_routed_output_bias: bool = False
+    moe_shared_output_bias: bool = False
+    # intermediate size of the shared experts (None: decoder_intermediate_size)
+    moe_shared_intermediate_size: int | None = None
+    # softmax-gated mix of the shared experts (instead of their sum), for more than one shared expert
+    moe_shared_expert_gate: bool = False
+    # scale routed weights by k / (k + shared) and the shared output by shared / (k + shared)
+    moe_weighted_shared_experts: bool = False
+    # "top_k": softmax over the k chosen router logits; "all": softmax over every expert, top-k of the
+    # probabilities, renormalised by their sum (+1e-9)
+    moe_router_softmax: str = "top_k"
+    lm_head_bias: bool = False
+    # interlayer variants: the mean STM is taken over groups of consecutive layers (1: all layers)
+    memory_interlayer_groups: int = 1
+    # gate after the first attention of the "self" / interlayer variants (None: residual_gate_type)
+    memory_pre_gate_type: str | None = None
+    # per-slot status a dynamic gate reads: the slot's mean over features, or a learned projection to one value
+    residual_gate_slot_status: str = "mean"
+    # bias of the elementwise gate
+    residual_gate_bias: bool = True
+
     # special tokens (ids of the project's tokenizer: [BOS] [EOS] [PAD] [UNK] [MASK] [Q] [A] [T])
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
@@ -198,6 +254,10 @@ class RxTConfig(PreTrainedConfig):
             self.num_query_heads = self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_query_heads
+        if self.memory_pre_attention_query_heads is None:
+            self.memory_pre_attention_query_heads = self.memory_attention_query_heads
+        if self.memory_pre_attention_key_value_heads is None:
+            self.memory_pre_attention_key_value_heads = self.memory_attention_key_value_heads
         super().__post_init__(**kwargs)
         self._validate()
 
@@ -229,12 +289,47 @@ class RxTConfig(PreTrainedConfig):
             "residual_gate_type": GATE_TYPES,
             "residual_gate_activation": GATE_ACTIVATIONS,
             "residual_gate_granularity": GATE_GRANULARITIES,
+            "residual_gate_slot_status": GATE_SLOT_STATUSES,
             "stm_init_mode": STM_INIT_MODES,
             "init_scheme": INIT_SCHEMES,
+            "norm_type": NORM_TYPES,
+            "decoder_final_norm": FINAL_NORM_TYPES,
+            "memory_norm_type": MEMORY_NORM_TYPES,
+            "memory_norm_scale": MEMORY_NORM_SCALES,
+            "moe_router_softmax": ROUTER_SOFTMAX,
+            "hidden_act": ACTIVATIONS,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 fail(field, getattr(self, field), f"choose one of {allowed}.")
+        if self.memory_pre_gate_type is not None and self.memory_pre_gate_type not in GATE_TYPES:
+            fail("memory_pre_gate_type", self.memory_pre_gate_type, f"choose one of {GATE_TYPES} or None.")
+        if self.residual_gate_slot_status == "linear" and self.residual_gate_granularity == "layer":
+            fail(
+                "residual_gate_slot_status",
+                "linear",
+                "a learned slot status needs residual_gate_granularity='slot' or 'scalar' (granularity 'layer' gates "
+                "each feature).",
+            )
+        groups = self.memory_interlayer_groups
+        if not isinstance(groups, int) or groups < 1 or self.num_hidden_layers % groups != 0:
+            fail(
+                "memory_interlayer_groups",
+                groups,
+                f"use a positive divisor of num_hidden_layers={self.num_hidden_layers} (groups of consecutive layers).",
+            )
+        heads = self.memory_attention_heads
+        query = self.memory_pre_attention_query_heads
+        kv = self.memory_pre_attention_key_value_heads
+        if not 0 < query <= heads:
+            fail("memory_pre_attention_query_heads", query, f"use between 1 and memory_attention_heads={heads}.")
+        if kv <= 0 or query % kv != 0:
+            fail("memory_pre_attention_key_value_heads", kv, f"key/value heads must divide {query} query heads.")
+        for field in ("layer_norm_eps", "memory_norm_eps"):
+            if not getattr(self, field) > 0:
+                fail(field, getattr(self, field), "it must be a positive number.")
+        if self.moe_shared_intermediate_size is not None and self.moe_shared_intermediate_size <= 0:
+            fail("moe_shared_intermediate_size", self.moe_shared_intermediate_size, "use a positive integer or None.")
         if self.decoder_feed_forward == "moe":
             if self.num_experts < 1:
                 fail("num_experts", self.num_experts, "use at least 1 expert.")
@@ -285,6 +380,24 @@ class RxTConfig(PreTrainedConfig):
                 self.memory_attention_key_value_heads,
             ),
         }
+
+    def heads_for(self, role: str) -> tuple[int, int, int]:
+        """`(heads for the split, query heads, key/value heads)` of one attention role: the three roles of
+        :meth:`attention_heads` or "memory_pre_attention" (the first attention of the self / interlayer variants)."""
+        if role == "memory_pre_attention":
+            return (
+                self.memory_attention_heads,
+                self.memory_pre_attention_query_heads,
+                self.memory_pre_attention_key_value_heads,
+            )
+        return self.attention_heads()[role]
+
+    def output_bias_for(self, role: str) -> bool:
+        """Whether the output projection of an attention role has a bias."""
+        bias = self.attention_bias if self.attention_output_bias is None else self.attention_output_bias
+        if role in ("memory_attention", "memory_pre_attention") and self.memory_attention_output_bias is not None:
+            return self.memory_attention_output_bias
+        return bias
 
     @property
     def stm_shape(self) -> tuple[int, int, int]:

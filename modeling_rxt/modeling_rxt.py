@@ -100,6 +100,60 @@ class RxTRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+def build_norm(config: RxTConfig, kind: str | None = None) -> nn.Module:
+    """A norm over `hidden_size` of kind `config.norm_type` (or `kind`): RMSNorm, or LayerNorm with bias."""
+    kind = kind or config.norm_type
+    if kind == "rms":
+        return RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class RxTGatedMemoryNorm(nn.Module):
+    """A gated norm of STM slots: `sigmoid(g) * scale * normalise(x) + (1 - sigmoid(g)) * x`.
+
+    Unlike a plain RMSNorm the blend gate `g` lets the network keep part of the raw memory. `normalise` is a
+    LayerNorm ("gated-layer"), `x / sqrt(rms(x) + eps)` per slot ("gated-rms": the root mean square, not its
+    square, sits under the root) or `x / sqrt(ema_rms + eps)` with stored per-slot statistics ("gated-ema-rms",
+    its gate per slot). The statistics are a buffer read as is: they are not updated in training.
+    """
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.kind = config.memory_norm_type
+        self.eps = config.memory_norm_eps
+        dim, slots = config.hidden_size, config.stm_size
+        per_slot = self.kind == "gated-ema-rms"
+        if self.kind == "gated-layer":
+            self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        if per_slot:
+            self.register_buffer("ema_rms", torch.ones(slots, 1))
+        scale_shape = (slots, 1) if per_slot and config.memory_norm_scale == "slot" else (dim,)
+        self.scale = nn.Parameter(torch.ones(scale_shape))
+        self.gate = nn.Parameter(torch.empty((slots, 1) if per_slot else (1,)))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:  # [..., S, D]
+        if self.kind == "gated-layer":
+            return self.norm(x)
+        if self.kind == "gated-rms":
+            root_mean_square = x.pow(2).mean(-1, keepdim=True).sqrt()  # [..., S, 1]
+            return x * torch.rsqrt(root_mean_square + self.eps)
+        return x * torch.rsqrt(self.ema_rms + self.eps)  # ema_rms [S, 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.gate)
+        return self.normalise(x) * self.scale * gate + x * (1 - gate)
+
+    def extra_repr(self):
+        return f"{self.kind}, scale {tuple(self.scale.shape)}, gate {tuple(self.gate.shape)}"
+
+
+def build_memory_norm(config: RxTConfig) -> nn.Module:
+    """The norm of STM slots inside the memory attention network (`config.memory_norm_type`)."""
+    if config.memory_norm_type == "rms":
+        return RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+    return RxTGatedMemoryNorm(config)
+
+
 class RotaryTables:
     """cos / sin tables for one set of positions [B, T], computed once per head dim and shared by all layers."""
 
@@ -188,7 +242,7 @@ class RxTAttention(nn.Module):
 
     def __init__(self, config: RxTConfig, role: str, rope: str, layer_idx: int, cross: bool):
         super().__init__()
-        num_heads, num_query_heads, num_key_value_heads = config.attention_heads()[role]
+        num_heads, num_query_heads, num_key_value_heads = config.heads_for(role)
         self.config = config
         self.layer_idx = layer_idx
         self.cross = cross
@@ -204,7 +258,7 @@ class RxTAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, num_query_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_query_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(num_query_heads * self.head_dim, config.hidden_size, bias=config.output_bias_for(role))
         self.qk_norm = cross and config.memory_qk_norm
         if self.qk_norm:  # per-head RMSNorm: sharp content-based memory reads from the first step
             self.q_norm = RxTRMSNorm(self.head_dim, config.rms_norm_eps)
@@ -276,15 +330,33 @@ class RxTAttention(nn.Module):
 # feed-forward: dense SwiGLU and Mixture-of-Experts
 
 
+# the gated feed-forward's activation (`config.hidden_act`); plain torch functions, so nothing is swapped for a kernel
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "sigmoid": torch.sigmoid,
+    "linear": lambda x: x,
+}
+
+
 class RxTSwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    """Gated feed-forward `down(act(gate(x)) * up(x))`: SwiGLU with the default SiLU, optionally with biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, activation: str = "silu"):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.activation = activation
+        self.act_fn = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def extra_repr(self):
+        return f"activation={self.activation}"
 
 
 class RxTMoE(nn.Module):
@@ -292,28 +364,76 @@ class RxTMoE(nn.Module):
 
     Returns the output and a Switch-style load-balancing loss `E * sum_e(f_e * p_e)` (f: fraction of
     routed assignments, p: mean router probability) over non-padding tokens; the loss is skipped (None) with
-    `output_aux_loss=False` (inference).
+    `output_aux_loss=False` (inference). Options other implementations use (all off by default): biases inside
+    the experts, a learned vector added to the routed sum and to the shared output, a softmax gate mixing the
+    shared experts, the weighting `k / (k + shared)` vs `shared / (k + shared)` of the two parts, and routing by
+    a softmax over all experts before the top-k (`config.moe_router_softmax="all"`).
     """
 
     def __init__(self, config: RxTConfig):
         super().__init__()
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_token
+        self.num_shared = config.num_shared_experts
+        self.router_softmax = config.moe_router_softmax
+        self.weighted_shared = config.moe_weighted_shared_experts and self.num_shared > 0
+        act = config.hidden_act
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
-            RxTSwiGLU(config.hidden_size, config.decoder_intermediate_size) for _ in range(config.num_experts)
+            RxTSwiGLU(config.hidden_size, config.decoder_intermediate_size, config.moe_expert_bias, act)
+            for _ in range(config.num_experts)
         )
+        shared_size = config.moe_shared_intermediate_size or config.decoder_intermediate_size
         self.shared_experts = nn.ModuleList(
-            RxTSwiGLU(config.hidden_size, config.decoder_intermediate_size) for _ in range(config.num_shared_experts)
+            RxTSwiGLU(config.hidden_size, shared_size, config.moe_shared_expert_bias, act)
+            for _ in range(config.num_shared_experts)
         )
+        if config.moe_routed_output_bias:
+            self.routed_bias = nn.Parameter(torch.zeros(config.hidden_size))
+        if config.moe_shared_output_bias and self.num_shared:
+            self.shared_bias = nn.Parameter(torch.zeros(config.hidden_size))
+        if config.moe_shared_expert_gate and self.num_shared > 1:
+            self.shared_gate = nn.Linear(config.hidden_size, self.num_shared, bias=False)
+
+    def route(self, logits: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k experts [N, k] and their weights [N, k] from router logits [N, E]."""
+        if self.router_softmax == "all":  # probabilities of all experts, top k of them, renormalised
+            probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+            top_probs, top_experts = probs.topk(self.top_k, dim=-1)
+            top_weights = (top_probs / (top_probs.sum(dim=-1, keepdim=True) + 1e-9)).to(dtype)
+        else:
+            top_logits, top_experts = logits.topk(self.top_k, dim=-1)  # [N, k]
+            # softmax over the chosen k logits == the router probabilities renormalised over the top k
+            top_weights = F.softmax(top_logits, dim=-1, dtype=torch.float32).to(dtype)
+        if self.weighted_shared:
+            top_weights = top_weights * (self.top_k / (self.top_k + self.num_shared))
+        return top_experts, top_weights
+
+    def shared_output(self, flat: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`output` plus the shared experts' contribution."""
+        if not (hasattr(self, "shared_gate") or hasattr(self, "shared_bias") or self.weighted_shared):
+            for shared in self.shared_experts:
+                output = output + shared(flat)
+            return output
+        if hasattr(self, "shared_gate"):
+            weights = F.softmax(self.shared_gate(flat), dim=-1)  # [N, shared]
+            outputs = torch.stack([shared(flat) for shared in self.shared_experts], dim=1)  # [N, shared, D]
+            combined = (outputs * weights[..., None]).sum(dim=1)
+        else:
+            combined = self.shared_experts[0](flat)
+            for shared in self.shared_experts[1:]:
+                combined = combined + shared(flat)
+        if hasattr(self, "shared_bias"):
+            combined = combined + self.shared_bias
+        if self.weighted_shared:
+            combined = combined * (self.num_shared / (self.top_k + self.num_shared))
+        return output + combined
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, output_aux_loss: bool = True):
         batch, length, dim = x.shape
         flat = x.reshape(-1, dim)  # [N, D]
         logits = self.router(flat)  # [N, E]
-        top_logits, top_experts = logits.topk(self.top_k, dim=-1)  # [N, k]
-        # softmax over the chosen k logits == the router probabilities renormalised over the top k
-        top_weights = F.softmax(top_logits, dim=-1, dtype=torch.float32).to(flat.dtype)
+        top_experts, top_weights = self.route(logits, flat.dtype)  # [N, k]
 
         if flat.shape[0] == 1:  # one token (a decoding step): call its k experts directly
             output = None
@@ -333,8 +453,9 @@ class RxTMoE(nn.Module):
                 start += count
             expert_out = torch.cat(pieces) * top_weights.reshape(-1)[order, None]
             output = torch.zeros_like(flat).index_add_(0, token_idx, expert_out)
-        for shared in self.shared_experts:
-            output = output + shared(flat)
+        if hasattr(self, "routed_bias"):
+            output = output + self.routed_bias
+        output = self.shared_output(flat, output)
         aux_loss = self.load_balancing_loss(logits, top_experts, token_mask) if output_aux_loss else None
         return output.view(batch, length, dim), aux_loss
 
@@ -367,39 +488,66 @@ class RxTGateProjection(nn.Linear):
 class RxTResidualGate(nn.Module):
     """Blends the old memory with its update: sigmoid `(1 - G) * old + G * update`, tanh `(1 + G) * update + (1 - G) * old`.
 
-    `G` is static (learned weights only), elementwise or linear (computed from `old + update`).
+    `G` is static (learned weights only), elementwise or linear (computed from `old + update`). Type "none" is a
+    plain residual `old + update`, "replace" keeps only the update.
     Granularity "slot": one gate value per memory slot, from parameters specific to each slot (the gate
     then depends on slot identity). Granularity "layer": parameters shared by every slot of the layer and
-    one gate value per feature, so the update stays permutation-equivariant over slots.
+    one gate value per feature, so the update stays permutation-equivariant over slots. Granularity "scalar":
+    one gate value for the whole layer (elementwise: from the mean over slots and features; linear: from the
+    per-slot statuses). A slot's status is its mean over features, or with `residual_gate_slot_status="linear"`
+    a learned projection of its features to one value.
     """
 
-    def __init__(self, config: RxTConfig):
+    def __init__(self, config: RxTConfig, gate_type: str | None = None):
         super().__init__()
-        self.gate_type = config.residual_gate_type
+        self.gate_type = gate_type or config.residual_gate_type
         self.activation = config.residual_gate_activation
-        self.per_slot = config.residual_gate_granularity == "slot"
-        width = config.stm_size if self.per_slot else config.hidden_size
+        self.granularity = config.residual_gate_granularity
+        self.per_slot = self.granularity == "slot"
+        if self.gate_type in ("none", "replace"):
+            return
+        slots, dim = config.stm_size, config.hidden_size
+        if self.gate_type != "static" and config.residual_gate_slot_status == "linear":
+            self.status_proj = nn.Linear(dim, 1)
         if self.gate_type == "static":
-            self.weight = nn.Parameter(torch.empty(config.stm_size, 1) if self.per_slot else torch.empty(1))
+            self.weight = nn.Parameter(torch.empty(slots, 1) if self.per_slot else torch.empty(1))
         elif self.gate_type == "elementwise":
+            width = {"slot": slots, "layer": dim, "scalar": 1}[self.granularity]
             self.weight = nn.Parameter(torch.empty(width))
-            self.bias = nn.Parameter(torch.empty(width))
+            if config.residual_gate_bias:
+                self.bias = nn.Parameter(torch.empty(width))
         else:
-            self.proj = RxTGateProjection(width, width)
+            width = slots if self.granularity != "layer" else dim
+            self.proj = RxTGateProjection(width, 1 if self.granularity == "scalar" else width)
+
+    def slot_status(self, source: torch.Tensor) -> torch.Tensor:
+        """One value per slot [B, S] from `source` [B, S, D]."""
+        if hasattr(self, "status_proj"):
+            return self.status_proj(source).squeeze(-1)
+        return source.mean(-1)
 
     def gate(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         if self.gate_type == "static":
             logits = self.weight  # [S, 1] or [1]
         else:
             source = old + update  # [B, S, D]
-            if self.per_slot:
-                source = source.mean(-1)  # [B, S]
-            logits = source * self.weight + self.bias if self.gate_type == "elementwise" else self.proj(source)
-            if self.per_slot:
-                logits = logits[..., None]  # [B, S, 1]
+            if self.granularity == "scalar" and self.gate_type == "elementwise":
+                source = source.mean(dim=(1, 2), keepdim=True)  # [B, 1, 1]
+            elif self.granularity != "layer":
+                source = self.slot_status(source)  # [B, S]
+            if self.gate_type == "elementwise":
+                logits = source * self.weight + self.bias if hasattr(self, "bias") else source * self.weight
+            else:
+                logits = self.proj(source)  # [B, S, D], [B, S] or [B, 1]
+            if self.granularity == "slot" or (self.granularity == "scalar" and self.gate_type == "linear"):
+                logits = logits[..., None]  # [B, S, 1] or [B, 1, 1]
         return torch.sigmoid(logits) if self.activation == "sigmoid" else torch.tanh(logits)
 
     def forward(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        if self.gate_type == "none":
+            return old + update
+        if self.gate_type == "replace":
+            return update
         gate = self.gate(old, update)
         if self.activation == "sigmoid":
             return (1 - gate) * old + gate * update
@@ -415,19 +563,21 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: RxTConfig, layer_idx: int):
         super().__init__()
-        self.self_attn_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn_norm = build_norm(config)
         self.self_attn = RxTAttention(config, "self_attention", rope="query_key", layer_idx=layer_idx, cross=False)
-        self.memory_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.cross_attn_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.memory_norm = build_norm(config)
+        self.cross_attn_norm = build_norm(config)
         self.memory_cross_attn = RxTAttention(
             config, "memory_cross_attention", rope="query" if config.memory_rope else "none", layer_idx=layer_idx, cross=True
         )
-        self.ff_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ff_norm = build_norm(config)
         self.is_moe = config.decoder_feed_forward == "moe"
         if self.is_moe:
             self.feed_forward = RxTMoE(config)
         else:
-            self.feed_forward = RxTSwiGLU(config.hidden_size, config.decoder_intermediate_size)
+            self.feed_forward = RxTSwiGLU(
+                config.hidden_size, config.decoder_intermediate_size, config.mlp_bias, config.hidden_act
+            )
 
     def forward(
         self,
@@ -475,10 +625,12 @@ class RxTEncoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: RxTConfig, layer_idx: int):
         super().__init__()
-        self.self_attn_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn_norm = build_norm(config)
         self.self_attn = RxTAttention(config, "self_attention", rope="query_key", layer_idx=layer_idx, cross=False)
-        self.ff_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.feed_forward = RxTSwiGLU(config.hidden_size, config.encoder_intermediate_size)
+        self.ff_norm = build_norm(config)
+        self.feed_forward = RxTSwiGLU(
+            config.hidden_size, config.encoder_intermediate_size, config.mlp_bias, config.hidden_act
+        )
 
     def forward(self, hidden_states, attention_mask=None, rotary=None):
         hidden_states = hidden_states + self.self_attn(
@@ -493,22 +645,26 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
     With old state `s` and encoded data `e`: `u = Attn(Q=MemNorm(s'), K=V=Norm(e))` (RoPE on keys only),
     `new = Gate(s', u)`. `s'` depends on the variant: `simple` s; `self` s after gated self-attention over
     the slots; `interlayer` s after gated attention to the mean of all layers' slots; `gated-self-interlayer`
-    like interlayer, its keys/values a gated blend of the own layer and the inter-layer mean.
+    like interlayer, its keys/values a gated blend of the own layer and the inter-layer mean;
+    `self-interlayer` the same blend taken between the *normed* own layer (also the queries) and the normed
+    mean, with no norm after the blend. With `config.memory_interlayer_groups > 1` the mean runs over the
+    layer's group of consecutive layers.
     """
 
     def __init__(self, config: RxTConfig, layer_idx: int):
         super().__init__()
         self.variant = config.memory_attention_variant
-        eps = config.rms_norm_eps
         if self.variant != "simple":
-            self.pre_query_norm = RxTRMSNorm(config.hidden_size, eps)
-            self.pre_key_value_norm = RxTRMSNorm(config.hidden_size, eps)
-            self.pre_attention = RxTAttention(config, "memory_attention", rope="none", layer_idx=layer_idx, cross=True)
-            self.pre_gate = RxTResidualGate(config)
-        if self.variant == "gated-self-interlayer":
+            self.pre_query_norm = build_memory_norm(config)
+            self.pre_key_value_norm = build_memory_norm(config)
+            self.pre_attention = RxTAttention(
+                config, "memory_pre_attention", rope="none", layer_idx=layer_idx, cross=True
+            )
+            self.pre_gate = RxTResidualGate(config, config.memory_pre_gate_type)
+        if self.variant in ("gated-self-interlayer", "self-interlayer"):
             self.source_gate = RxTResidualGate(config)
-        self.memory_norm = RxTRMSNorm(config.hidden_size, eps)
-        self.encoded_norm = RxTRMSNorm(config.hidden_size, eps)
+        self.memory_norm = build_memory_norm(config)
+        self.encoded_norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attention = RxTAttention(
             config, "memory_attention", rope="key" if config.memory_rope else "none", layer_idx=layer_idx, cross=True
         )
@@ -517,13 +673,18 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
     def forward(
         self,
         stm_layer: torch.Tensor,  # [B, S, D]
-        stm_mean: torch.Tensor,  # [B, S, D] mean over layers of the old STM
+        stm_mean: torch.Tensor,  # [B, S, D] mean over (the group's) layers of the old STM
         encoded: torch.Tensor,  # [B, T, D]
         encoded_mask: torch.Tensor | None = None,  # additive [B, 1, 1, T]
         encoded_rotary: RotaryTables | None = None,  # positions of the encoded tokens
     ) -> torch.Tensor:
         state = stm_layer
-        if self.variant != "simple":
+        if self.variant == "self-interlayer":
+            query = self.pre_query_norm(stm_layer)
+            source = self.source_gate(query, self.pre_key_value_norm(stm_mean))
+            update = self.pre_attention(query, key_value_states=source)
+            state = self.pre_gate(stm_layer, update)
+        elif self.variant != "simple":
             if self.variant == "self":
                 source = stm_layer
             elif self.variant == "interlayer":
@@ -551,7 +712,8 @@ class RxTDecoder(nn.Module):
     def __init__(self, config: RxTConfig):
         super().__init__()
         self.layers = nn.ModuleList(RxTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        final = config.decoder_final_norm
+        self.norm = nn.Identity() if final == "none" else build_norm(config, final)
         self.rope_theta = config.rope_theta
 
     def forward(
@@ -626,6 +788,7 @@ class RxTMemoryAttention(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(RxTMemoryAttentionLayer(config, i) for i in range(config.num_hidden_layers))
         self.rope_theta = config.rope_theta
+        self.groups = config.memory_interlayer_groups
         if config.stm_init_mode == "learned":
             self.initial_stm = nn.Parameter(torch.empty(config.stm_shape))
 
@@ -638,9 +801,14 @@ class RxTMemoryAttention(nn.Module):
         length = encoded.shape[2]
         rotary = RotaryTables(positions_from_mask(attention_mask, length, 0, encoded.device), self.rope_theta)
         mask = padding_mask(attention_mask, encoded.dtype)
-        stm_mean = stm_state.mean(dim=1)  # [B, S, D]
+        if self.groups == 1:
+            stm_means = stm_state.mean(dim=1, keepdim=True)  # [B, 1, S, D]
+        else:  # groups of consecutive layers
+            batch, layers, slots, dim = stm_state.shape
+            stm_means = stm_state.view(batch, self.groups, layers // self.groups, slots, dim).mean(dim=2)  # [B, G, S, D]
+        per_group = len(self.layers) // stm_means.shape[1]
         new_layers = [
-            layer(stm_state[:, idx], stm_mean, encoded[:, idx], mask, rotary)
+            layer(stm_state[:, idx], stm_means[:, idx // per_group], encoded[:, idx], mask, rotary)
             for idx, layer in enumerate(self.layers)
         ]
         return torch.stack(new_layers, dim=1)  # [B, L, S, D]
@@ -697,9 +865,19 @@ class RxTPreTrainedModel(PreTrainedModel):
                 init.constant_(module.weight, config.residual_gate_init_bias)
             elif module.gate_type == "elementwise":
                 init.normal_(module.weight, mean=0.0, std=config.initializer_range)
-                init.constant_(module.bias, config.residual_gate_init_bias)
+                if hasattr(module, "bias"):
+                    init.constant_(module.bias, config.residual_gate_init_bias)
         elif isinstance(module, RxTMemoryAttention) and hasattr(module, "initial_stm"):
             init.normal_(module.initial_stm, mean=0.0, std=config.stm_init_std)
+        elif isinstance(module, RxTGatedMemoryNorm):
+            init.ones_(module.scale)
+            init.constant_(module.gate, -2.0)  # mostly the raw memory at first
+            if hasattr(module, "ema_rms"):
+                init.ones_(module.ema_rms)
+        elif isinstance(module, RxTMoE):
+            for name in ("routed_bias", "shared_bias"):
+                if hasattr(module, name):
+                    init.zeros_(getattr(module, name))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -970,7 +1148,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = RxTModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
     def get_output_embeddings(self):
