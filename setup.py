@@ -25,14 +25,14 @@ setup(
         "serving": ["static/*"],
     },
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # accelerate's floor; CI runs 2.13
         "transformers>=5.23,<6",
-        "accelerate>=1.0",
-        "peft>=0.13",
+        "accelerate>=1.10.1",
+        "peft>=0.18",
         # MRL / RxRLHF override TRL's private GRPOTrainer / DPOTrainer methods (_generate_and_score_completions,
         # _compute_loss, _calculate_rewards, _prepare_dataset, _set_signature_columns_if_needed): one minor series.
         "trl>=1.16,<1.17",
-        "datasets>=3.0",
+        "datasets>=4.7",
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tqdm",
