@@ -269,12 +269,15 @@ def test_local_folder_in_hub_layout_subset_and_named_splits(tmp_path):
         for split in splits:
             rows = _mrl_rows(3, int(subset[-1]), f"{subset}/{split}")
             (folder / subset / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    dd = load_rxt_dataset(str(folder), "multi-turn", subset="steps-6", split_names=["supervised"])
+    dd = load_rxt_dataset(str(folder), "multi-turn", subset="steps-6")  # train + validation: split-named folder
     assert set(dd) == {"train", "validation", "supervised"}
     assert dd["supervised"][0]["query"] == "steps-6/supervised story 0?"
     assert [len(t) for t in dd["supervised"]["interactions"]] == [6, 6, 6]
-    # without the split name the folder's files are not all split names: everything is one train split
-    assert set(load_rxt_dataset(str(folder), "multi-turn", subset="steps-6")) == {"train"}
+    only = tmp_path / "only-supervised"
+    only.mkdir()
+    (only / "supervised.jsonl").write_text(json.dumps(_mrl_rows(1, 2, "x")[0]))
+    assert set(load_rxt_dataset(str(only), "multi-turn")) == {"train"}  # no split name known: one train split
+    assert set(load_rxt_dataset(str(only), "multi-turn", split_names=["supervised"])) == {"supervised"}
     assert load_rxt_dataset(str(folder), "multi-turn", subset="steps-2", split="validation")[1]["answer"] == "Once 1."
     with pytest.raises(ValueError, match=r"subset='steps-9'.*sub-folders: \['steps-2', 'steps-6'\]"):
         load_rxt_dataset(str(folder), "multi-turn", subset="steps-9")

@@ -103,18 +103,17 @@ def _local_data_files(source: str, split_names: Sequence[str] = ()) -> tuple[str
             f"source={source!r} mixes JSON and Parquet files; keep one format per directory."
         )
     builder = builders.pop()
-    # In a directory, files named after splits (train.jsonl, validation-0000.parquet,
-    # dev.json, or one of split_names ...) become those splits; otherwise (and for a single file)
-    # everything is the "train" split, as with datasets.load_dataset(builder, data_files=...).
+    # In a directory where some files are named after splits (train.jsonl, validation-0000.parquet,
+    # dev.json, or one of split_names), the first word of every file name is its split
+    # (train.jsonl + validation.jsonl + supervised.jsonl: three splits, as the Hub set declares them);
+    # otherwise (and for a single file) everything is the "train" split, as with
+    # datasets.load_dataset(builder, data_files=...).
     by_split: dict[str, list[str]] = {}
     extra = {name.lower(): name for name in split_names}
-    for f in (files if os.path.isdir(source) else []):
-        stem = re.split(r"[-_.]", os.path.basename(f))[0].lower()
-        split = _SPLIT_ALIASES.get(stem, extra.get(stem))
-        if split is None:
-            by_split = {}
-            break
-        by_split.setdefault(split, []).append(f)
+    stems = {f: re.split(r"[-_.]", os.path.basename(f))[0].lower() for f in files} if os.path.isdir(source) else {}
+    if any(stem in _SPLIT_ALIASES or stem in extra for stem in stems.values()):
+        for f, stem in stems.items():
+            by_split.setdefault(_SPLIT_ALIASES.get(stem) or extra.get(stem) or stem, []).append(f)
     return builder, (by_split or {"train": files})
 
 
@@ -196,10 +195,10 @@ def load_rxt_dataset(source: str | None, kind: str, split: str | None = None,
     Args:
         source: ``None`` or ``"synthetic"`` for the embedded generator
             (:func:`trainers.synthetic_data.build_synthetic_dataset`); a local ``.jsonl`` /
-            ``.json`` / ``.parquet`` file or a directory of them (files whose names start with a
-            split name, such as ``train.jsonl`` / ``validation.jsonl`` / ``test.jsonl``, become
-            those splits, otherwise all files are the ``train`` split; a single file is always
-            the ``train`` split); anything else is a Hub
+            ``.json`` / ``.parquet`` file or a directory of them (when some file names start with a
+            split name, such as ``train.jsonl`` / ``validation.jsonl`` / ``test.jsonl``, the first
+            word of each file name is its split, e.g. ``supervised.jsonl``; otherwise all files are
+            the ``train`` split; a single file is always the ``train`` split); anything else is a Hub
             data set name passed to ``datasets.load_dataset(source, ...)``.
         kind: ``"pretraining"`` (needs ``text``), ``"interaction-sft"`` (``query``, ``answer``),
             ``"multi-turn"`` (``query``, ``answer``, ``interactions``) or ``"preference"``
@@ -212,8 +211,9 @@ def load_rxt_dataset(source: str | None, kind: str, split: str | None = None,
         subset: a Hub data set's config name (``datasets.load_dataset(source, subset)``, e.g.
             ``"steps-6"`` of ``ReactiveAI/TinyStories-MRL``); for a local folder, its sub-folder of that
             name, so a local copy laid out as ``<folder>/steps-6/train.jsonl`` stands in for the Hub set.
-        split_names: for a local folder, more file-name stems read as split names (besides train /
-            validation / test and their aliases), e.g. ``("supervised",)`` for ``supervised.jsonl``.
+        split_names: for a local folder, more file-name stems that mark it as split-named (besides
+            train / validation / test and their aliases), e.g. ``("supervised",)`` for a folder that
+            holds only ``supervised.jsonl``.
         **synthetic_kwargs: for the synthetic source, arguments of ``build_synthetic_dataset``
             (``num_conversations``, ``num_turns``, ``max_recall_distance``, ``seed``,
             ``split_fractions``); for a Hub source, extra ``datasets.load_dataset`` arguments
