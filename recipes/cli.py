@@ -52,11 +52,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     train.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
     train.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="change a recipe value before it is checked (repeatable; VALUE is YAML), e.g. "
+        "--set stages.smat.config.max_steps=10 --set data.source=my-stories.jsonl",
+    )
     train.set_defaults(func=command_train)
 
     evaluate = subparsers.add_parser("eval", help="answer perplexity and recall accuracy by distance vs a no-memory control")
     evaluate.add_argument("model", help="saved model folder (with its tokenizer)")
     evaluate.add_argument("--recipe", default=None, help="recipe whose data / evaluation settings to use (default: embedded data)")
+    evaluate.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                          help="change a value of --recipe (repeatable), e.g. --set evaluation.data.source=dev.jsonl")
     evaluate.add_argument("--num-conversations", type=int, default=None)
     evaluate.add_argument("--num-turns", type=int, default=None)
     evaluate.add_argument("--max-new-tokens", type=int, default=None)
@@ -101,7 +112,7 @@ def command_train(args) -> int:
     from recipes.pipeline import run_recipe
     from recipes.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)  # validates everything before any training
+    recipe = load_recipe(args.recipe, args.overrides)  # validates everything before any training
     set_threads(args.threads)
     stages = [name.strip() for name in args.stages.split(",")] if args.stages else None
     for name in (stages or []) + ([args.from_stage] if args.from_stage else []):
@@ -125,9 +136,11 @@ def command_eval(args) -> int:
 
     set_threads(args.threads)
     data, settings, seed = {}, {}, 0
+    if args.overrides and not args.recipe:
+        raise SystemExit("rxt eval: --set changes values of a recipe; give the recipe with --recipe.")
     if args.recipe:
-        recipe = load_recipe(args.recipe)
-        data, settings, seed = recipe.data, recipe.evaluation, recipe.seed
+        recipe = load_recipe(args.recipe, args.overrides)
+        data, settings, seed = recipe.evaluation_data(), recipe.evaluation, recipe.seed
     overrides = {
         "num_conversations": args.num_conversations,
         "num_turns": args.num_turns,

@@ -42,8 +42,9 @@ def is_synthetic(data: dict) -> bool:
     return data.get("source") in (None, "synthetic")
 
 
-def load_stage_dataset(seed: int, data: dict, kind: str, num_turns=None):
-    """The stage's DatasetDict (train / validation / test) from the embedded generator or a real source."""
+def load_stage_dataset(seed: int, data: dict, kind: str, num_turns=None, extra_splits=()):
+    """The stage's DatasetDict (train / validation / test, or the source's own splits) from the embedded
+    generator or a real source (a Hub data set, or a local file / folder in the same columns)."""
     if is_synthetic(data):
         synthetic = {key: data[key] for key in SYNTHETIC_KEYS if key in data}
         synthetic.setdefault("seed", seed)
@@ -55,18 +56,63 @@ def load_stage_dataset(seed: int, data: dict, kind: str, num_turns=None):
             f"data.turn_datasets needs the synthetic source (it generates one data set per turn count); with "
             f"source={data['source']!r} use the smat config's turn_curriculum alone (conversations are truncated)."
         )
-    return load_rxt_dataset(data["source"], kind, column_mapping=data.get("column_mapping"))
+    split_names = [data.get(key) for key in ("train_split", "eval_split") if data.get(key)] + list(extra_splits)
+    return load_rxt_dataset(
+        data["source"],
+        kind,
+        column_mapping=data.get("column_mapping"),
+        subset=data.get("subset"),
+        split_names=split_names,
+    )
 
 
-def check_data(recipe: Recipe, stages: list[StageSpec]) -> None:
-    """Load every non-synthetic stage data set once before training, so a missing column fails first."""
+def describe_source(data: dict) -> str:
+    subset = f" (subset {data['subset']!r})" if data.get("subset") else ""
+    return f"source={data.get('source', 'synthetic')!r}{subset}"
+
+
+def pick_split(dataset, data: dict, name: str | None, where: str, optional: bool = False):
+    """Split `name` of a DatasetDict (None for name None, or for a missing optional split)."""
+    if name is None:
+        return None
+    if name in dataset:
+        return dataset[name]
+    if optional:
+        return None
+    raise ValueError(
+        f"{where}={name!r} is not a split of {describe_source(data)}; its splits are {list(dataset)}. "
+        f"Fix: set {where} to one of them."
+    )
+
+
+def stage_splits(dataset, data: dict):
+    """(train, evaluation) splits of a stage: `data.train_split` (default train) and `data.eval_split` (default
+    validation when the data set has one; null for none)."""
+    train = pick_split(dataset, data, data.get("train_split", "train"), "data.train_split")
+    evaluation = pick_split(
+        dataset, data, data.get("eval_split", "validation"), "data.eval_split", optional="eval_split" not in data
+    )
+    return train, evaluation
+
+
+def check_data(recipe: Recipe, stages: list[StageSpec], evaluate: bool = False) -> None:
+    """Load every non-synthetic stage data set (and the evaluation data) once before training, so a missing
+    column or split fails first."""
     for stage in stages:
         data = recipe.stage_data(stage)
         if not is_synthetic(data):
             try:
-                load_stage_dataset(recipe.seed, data, stage.data_kind)
+                stage_splits(load_stage_dataset(recipe.seed, data, stage.data_kind), data)
             except ValueError as error:
                 raise ValueError(f"recipe stages[{stage.name}].data: {error}") from error
+    data = recipe.evaluation_data()
+    if evaluate and not is_synthetic(data):
+        split = recipe.evaluation.get("split", "test")
+        try:
+            dataset = load_stage_dataset(recipe.seed, data, "multi-turn", extra_splits=[split])
+            pick_split(dataset, data, split, "evaluation.split")
+        except ValueError as error:
+            raise ValueError(f"recipe evaluation: {error}") from error
 
 
 def prepare_tokenizer(recipe: Recipe, output_dir: Path):
@@ -75,8 +121,8 @@ def prepare_tokenizer(recipe: Recipe, output_dir: Path):
         return AutoTokenizer.from_pretrained(recipe.tokenizer["path"])
     if (folder / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(folder)
-    dataset = load_stage_dataset(recipe.seed, recipe.data, "pretraining")["train"]
-    texts = dataset["text"][: recipe.tokenizer.get("num_texts", len(dataset))]
+    dataset = stage_splits(load_stage_dataset(recipe.seed, recipe.data, "pretraining"), recipe.data)[0]
+    texts = dataset.select(range(min(len(dataset), recipe.tokenizer.get("num_texts", len(dataset)))))["text"]
     log(f"training a byte-level BPE tokenizer (vocab {recipe.tokenizer.get('vocab_size', 8000)}) on {len(texts)} texts")
     max_length = recipe.model.get("overrides", {}).get("max_position_embeddings", 256)
     tokenizer = build_tokenizer(
@@ -110,25 +156,33 @@ def stage_folder(output_dir: Path, recipe: Recipe, stage: StageSpec) -> Path:
     return output_dir / f"{recipe.stages.index(stage) + 1:02d}-{stage.name}"
 
 
+def stage_args(recipe: Recipe, stage: StageSpec, folder: Path, resume: bool, num_rows: int | None):
+    """The stage's trainer config; with `epochs`, max_steps covers that many passes over `num_rows` rows."""
+    extra = {"seed": recipe.seed}
+    if stage.trainer not in ("mrl", "rxrlhf"):  # TRL trainers resume through train(resume_from_checkpoint=True)
+        extra["resume_from_checkpoint"] = "latest" if resume else None
+    if stage.epochs is not None:
+        extra["max_steps"] = stage.steps_for_epochs(num_rows)
+        log(f"stage {stage.name}: {stage.epochs:g} epoch(s) of {num_rows} training rows = {extra['max_steps']} steps")
+    return stage.build_config(output_dir=str(folder), **extra)
+
+
 def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Path, resume: bool) -> Path:
     folder = stage_folder(output_dir, recipe, stage)
     data = recipe.stage_data(stage)
-    if stage.trainer in ("mrl", "rxrlhf"):  # TRL trainers: resume through train(resume_from_checkpoint=True)
-        args = stage.build_config(output_dir=str(folder), seed=recipe.seed)
-    else:
-        args = stage.build_config(
-            output_dir=str(folder), seed=recipe.seed, resume_from_checkpoint="latest" if resume else None
-        )
     if stage.trainer == "rxrlhf":
+        split = load_stage_dataset(recipe.seed, data, "preference")
+        args = stage_args(recipe, stage, folder, resume, len(stage_splits(split, data)[0]))
         return run_preference_stage(stage, args, data, model, tokenizer, folder, resume, recipe.seed)
     turn_counts = data.get("turn_datasets")
     if turn_counts:
         splits = {n: load_stage_dataset(recipe.seed, data, stage.data_kind, num_turns=n) for n in turn_counts}
         train = {n: split["train"] for n, split in splits.items()}
         evaluation = splits[max(turn_counts)]["validation"]
+        args = stage_args(recipe, stage, folder, resume, None)
     else:
-        split = load_stage_dataset(recipe.seed, data, stage.data_kind)
-        train, evaluation = split["train"], split.get("validation")
+        train, evaluation = stage_splits(load_stage_dataset(recipe.seed, data, stage.data_kind), data)
+        args = stage_args(recipe, stage, folder, resume, len(train))
     log(f"stage {stage.name} ({stage.trainer}): {args.max_steps} steps -> {folder}")
     if stage.trainer == "mrl":
         trainer = stage.trainer_class(model=model, args=args, train_dataset=train, processing_class=tokenizer)
@@ -156,11 +210,12 @@ def run_preference_stage(stage: StageSpec, args, data: dict, model, tokenizer, f
     from trainers.rxrlhf_trainer import format_preference_table
 
     split = load_stage_dataset(seed, data, "preference")
-    held_out = split.get("test") or split.get("validation")
-    evaluation = split.get("validation") if args.eval_strategy != "no" else None
-    log(f"stage {stage.name} ({stage.trainer}): {args.max_steps} steps on {len(split['train'])} preference "
+    train, validation = stage_splits(split, data)
+    held_out = split.get("test") or validation
+    evaluation = validation if args.eval_strategy != "no" else None
+    log(f"stage {stage.name} ({stage.trainer}): {args.max_steps} steps on {len(train)} preference "
         f"conversations -> {folder}")
-    trainer = stage.trainer_class(model=model, args=args, train_dataset=split["train"], eval_dataset=evaluation,
+    trainer = stage.trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                                   processing_class=tokenizer)
     before = trainer.evaluate_preferences(held_out) if held_out is not None else None
     has_checkpoint = resume and any(folder.glob("checkpoint-*"))
@@ -193,7 +248,7 @@ def run_recipe(
     if stages:
         selected = [recipe.stage(name) for name in stages]
 
-    check_data(recipe, selected)
+    check_data(recipe, selected, evaluate)
     tokenizer = prepare_tokenizer(recipe, output_dir)
     first_index = recipe.stages.index(selected[0])
     if first_index == 0:
@@ -230,8 +285,8 @@ def run_recipe(
 
 
 def evaluate_recipe_model(recipe: Recipe, folder: Path, output_json: Path | None = None) -> dict:
-    """`rxt eval` with the recipe's data and evaluation settings."""
-    return evaluate_model(folder, recipe.data, recipe.evaluation, recipe.seed, output_json)
+    """`rxt eval` with the recipe's evaluation data (`data` + `evaluation.data`) and settings."""
+    return evaluate_model(folder, recipe.evaluation_data(), recipe.evaluation, recipe.seed, output_json)
 
 
 def evaluate_model(
@@ -249,7 +304,8 @@ def evaluate_model(
         if key in settings:
             data[key] = settings[key]
     data.setdefault("seed", seed)
-    test = load_stage_dataset(seed, data, "multi-turn")[settings.get("split", "test")]
+    split = settings.get("split", "test")
+    test = pick_split(load_stage_dataset(seed, data, "multi-turn", extra_splits=[split]), data, split, "evaluation.split")
     count = min(len(test), settings.get("num_conversations") or len(test))
     log(f"evaluating {folder} on {count} test conversations")
     result = evaluate_memory(
@@ -288,7 +344,8 @@ def describe_data(data: dict, seed: int) -> str:
             f"(who / where / what / colour / how many) and ask for them 1-{data.get('max_recall_distance', 4)} turns "
             f"later; {data.get('num_conversations', 2000)} conversations per data set, seed {seed}."
         )
-    return f"Data set {data['source']!r} (columns mapped with {data.get('column_mapping') or {}})."
+    subset = f", subset {data['subset']!r}" if data.get("subset") else ""
+    return f"Data set {data['source']!r}{subset} (columns mapped with {data.get('column_mapping') or {}})."
 
 
 __all__ = ["run_recipe", "evaluate_model", "evaluate_recipe_model", "load_stage_dataset"]

@@ -6,6 +6,9 @@ output_dir: outputs/default
 seed: 0
 data:                      # shared by all stages; a stage may override any key under its own `data:`
   source: synthetic        # embedded generator | local .jsonl/.parquet file or folder | Hub data set name
+  subset: null             # Hub config name (load_dataset(source, subset)); for a local folder: its sub-folder
+  train_split: train       # the split a stage trains on (e.g. `supervised` of ReactiveAI/TinyStories-MRL)
+  eval_split: validation   # the split evaluated during a stage (null: none)
   column_mapping: {}       # rename columns of your data to text / query / answer / interactions
   num_conversations: 4000  # synthetic only
   num_turns: 6
@@ -15,21 +18,26 @@ model: {preset: rxt-tiny, overrides: {hidden_size: 128}}   # or {from_pretrained
 stages:
   - {name: joint-lm-pretraining, trainer: joint-lm, config: {mode: pretraining, max_steps: 300}}
   - {name: smat, trainer: smat, data: {turn_datasets: [2, 3, 4, 6]}, config: {...}}
-evaluation: {num_conversations: 200, num_turns: 6, max_new_tokens: 24}
+  - {name: sft, trainer: joint-lm, epochs: 2, config: {mode: sft}}   # epochs: max_steps from the data size
+evaluation: {num_conversations: 200, num_turns: 6, max_new_tokens: 24, data: {split...}, split: test}
 ```
 
 `load_recipe` checks everything (unknown keys, stage trainers, config fields and their types) before
 any training starts, and raises a `ValueError` naming the place, the value and the fix.
+`load_recipe(path, overrides=["stages.smat.config.max_steps=10", ...])` (the command line's
+`rxt train RECIPE --set KEY=VALUE`) changes values of the YAML file before that check.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -59,12 +67,17 @@ DATA_KEYS = {
     "turn_datasets",
     "split",
     "recall_weight",
+    "subset",
+    "train_split",
+    "eval_split",
 }
 TOP_LEVEL_KEYS = {"name", "output_dir", "seed", "data", "tokenizer", "model", "stages", "evaluation", "description"}
 TOKENIZER_KEYS = {"vocab_size", "min_frequency", "path", "num_texts"}
 MODEL_KEYS = {"preset", "overrides", "from_pretrained"}
-EVALUATION_KEYS = {"num_conversations", "num_turns", "max_new_tokens", "batch_size", "memory_from", "split", "seed"}
-STAGE_KEYS = {"name", "trainer", "data", "config"}
+EVALUATION_KEYS = {
+    "num_conversations", "num_turns", "max_new_tokens", "batch_size", "memory_from", "split", "seed", "data"
+}
+STAGE_KEYS = {"name", "trainer", "data", "config", "epochs"}
 
 
 def recipe_error(where: str, value: Any, fix: str) -> ValueError:
@@ -77,6 +90,7 @@ class StageSpec:
     trainer: str
     config: dict[str, Any]
     data: dict[str, Any]
+    epochs: float | None = None  # passes over the training split; sets max_steps once the data is loaded
 
     @property
     def config_class(self):
@@ -96,6 +110,18 @@ class StageSpec:
 
     def build_config(self, output_dir: str, **extra) -> Any:
         return self.config_class(**{**self.config, "output_dir": output_dir, **extra})
+
+    def steps_for_epochs(self, num_rows: int) -> int:
+        """``max_steps`` for ``epochs`` passes over ``num_rows`` training rows (conversations, texts...): rows per
+        optimizer step are batch size x gradient accumulation (MRL: rollouts / ``num_generations``)."""
+        config = self.build_config(output_dir="unused")
+        if hasattr(config, "per_device_batch_size"):  # Accelerate stages
+            rows = config.per_device_batch_size * config.gradient_accumulation_steps
+        else:  # TRL stages: per_device_train_batch_size counts completions (MRL: G rollouts per conversation)
+            rows = config.per_device_train_batch_size * config.gradient_accumulation_steps
+            if self.trainer == "mrl":
+                rows /= config.num_generations
+        return max(1, math.ceil(self.epochs * num_rows / rows))
 
 
 @dataclass
@@ -118,6 +144,10 @@ class Recipe:
 
     def stage_data(self, stage: StageSpec) -> dict[str, Any]:
         return {**self.data, **stage.data}
+
+    def evaluation_data(self) -> dict[str, Any]:
+        """The data the final evaluation reads: the recipe's ``data`` with ``evaluation.data`` on top."""
+        return {**self.data, **(self.evaluation.get("data") or {})}
 
 
 def _check_keys(section: str, mapping: Any, allowed: set[str]) -> dict:
@@ -174,12 +204,44 @@ def check_stage_config(stage: StageSpec) -> None:
         raise ValueError(f"recipe {where} is invalid: {error}") from error
 
 
+def _check_data(section: str, mapping: Any) -> dict:
+    """A `data:` mapping: known keys, and the source / subset / split selectors as strings."""
+    data = _check_keys(section, mapping, DATA_KEYS)
+    for key in ("source", "subset", "train_split", "eval_split"):
+        if key not in data or (data[key] is None and key in ("subset", "eval_split")):
+            continue
+        if not isinstance(data[key], str) or not data[key]:
+            nullable = " or null" if key in ("subset", "eval_split") else ""
+            raise recipe_error(f"{section}.{key}", data[key], f"it must be a non-empty string{nullable}.")
+    return data
+
+
+def _check_epochs(name: str, entry: dict) -> float | None:
+    epochs = entry.get("epochs")
+    if epochs is None:
+        return None
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < math.inf:
+        raise recipe_error(f"stages[{name}].epochs", epochs, "it must be a number > 0 (passes over the training split).")
+    steps = (entry.get("config") or {}).get("max_steps")
+    if steps is not None:
+        raise recipe_error(
+            f"stages[{name}].config.max_steps", steps, f"epochs={epochs} sets the stage length already; keep one of the two."
+        )
+    if (entry.get("data") or {}).get("turn_datasets") is not None:
+        raise recipe_error(
+            f"stages[{name}].epochs", epochs, "it cannot be combined with data.turn_datasets; give config.max_steps."
+        )
+    return float(epochs)
+
+
 def parse_recipe(raw: dict, path: str | None = None) -> Recipe:
     raw = _check_keys("", raw, TOP_LEVEL_KEYS) if raw is not None else {}
-    data = _check_keys("data", raw.get("data"), DATA_KEYS)
+    data = _check_data("data", raw.get("data"))
     tokenizer = _check_keys("tokenizer", raw.get("tokenizer"), TOKENIZER_KEYS)
     model = _check_keys("model", raw.get("model"), MODEL_KEYS)
     evaluation = _check_keys("evaluation", raw.get("evaluation"), EVALUATION_KEYS)
+    if "data" in evaluation:
+        evaluation["data"] = _check_data("evaluation.data", evaluation["data"])
     if not model.get("preset") and not model.get("from_pretrained"):
         raise recipe_error("model", model, "give model.preset (e.g. rxt-alpha-micro) or model.from_pretrained (a folder).")
     if "path" not in tokenizer and not isinstance(tokenizer.get("vocab_size", 0), int):
@@ -204,7 +266,8 @@ def parse_recipe(raw: dict, path: str | None = None) -> Recipe:
             name=name,
             trainer=trainer,
             config=_check_keys(f"stages[{name}].config", entry.get("config"), set(entry.get("config") or {})),
-            data=_check_keys(f"stages[{name}].data", entry.get("data"), DATA_KEYS),
+            data=_check_data(f"stages[{name}].data", entry.get("data")),
+            epochs=_check_epochs(name, entry),
         )
         check_stage_config(stage)
         turns = stage.data.get("turn_datasets")
@@ -226,8 +289,83 @@ def parse_recipe(raw: dict, path: str | None = None) -> Recipe:
     )
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe (nothing is trained or downloaded here)."""
+OVERRIDE_EXAMPLE = "stages.smat.config.max_steps=10"
+
+
+def _parse_override(item: Any) -> tuple[str, Any]:
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+        return item[0], item[1]
+    if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
+        raise ValueError(f"override {item!r} is invalid: write KEY=VALUE with a dotted key, e.g. {OVERRIDE_EXAMPLE}.")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"override {item!r}: the value is not valid YAML ({error}); quote it.") from error
+    return key.strip(), value
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    """The index of list element `part`: a number, or the `name` of a mapping element (stages)."""
+    if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+        return int(part)
+    for index, element in enumerate(node):
+        if isinstance(element, dict) and element.get("name") == part:
+            return index
+    names = [e.get("name") for e in node if isinstance(e, dict)]
+    raise ValueError(f"override {key!r}: no list element {part!r}; use an index below {len(node)} or a name from {names}.")
+
+
+def _child(node: Any, part: str, key: str) -> Any:
+    """The element `part` of a mapping (created empty when missing) or of a list."""
+    if isinstance(node, list):
+        node = node[_list_index(node, part, key)]
+    elif isinstance(node, dict):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    if not isinstance(node, (dict, list)):
+        raise ValueError(
+            f"override {key!r}: {part!r} holds the {type(node).__name__} {node!r}, not a mapping with keys; "
+            "shorten the key to set that value itself."
+        )
+    return node
+
+
+def apply_overrides(raw: dict | None, overrides: Iterable[Any] | Mapping[str, Any] | None) -> dict:
+    """A copy of the recipe mapping `raw` with each override applied in order.
+
+    An override is ``"dotted.key=value"`` (the value is read as YAML: ``2``, ``0.5``, ``null``, ``[1, 2]``,
+    ``{a: 1}``, a plain string) or a ``(dotted.key, value)`` pair; a mapping ``{dotted.key: value}`` works too.
+    List elements (``stages``) are picked by index or by their ``name``: ``stages.smat.config.max_steps=10``,
+    ``stages.0.data.source=data/stories.jsonl``. Missing mappings on the way are created; whether the result
+    is a valid recipe is checked afterwards, as for the YAML file itself.
+    """
+    raw = copy.deepcopy(raw) if raw is not None else {}  # also un-shares YAML aliases (&anchor / *anchor)
+    if not isinstance(raw, dict):
+        raise recipe_error("", raw, "a recipe must be a mapping (key: value).")
+    items = list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides or [])
+    for item in items:
+        key, value = _parse_override(item)
+        parts = key.split(".")
+        if any(not part for part in parts):
+            raise ValueError(f"override {key!r} has an empty key part; write it like {OVERRIDE_EXAMPLE}.")
+        node: Any = raw
+        for part in parts[:-1]:
+            node = _child(node, part, key)
+        last = parts[-1]
+        if isinstance(node, dict):
+            node[last] = value
+        elif isinstance(node, list):
+            node[_list_index(node, last, key)] = value
+        else:
+            raise ValueError(f"override {key!r}: the parent of {last!r} is a {type(node).__name__}, not a mapping.")
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: Iterable[Any] | Mapping[str, Any] | None = None) -> Recipe:
+    """Read and validate a YAML recipe (nothing is trained or downloaded here), after applying `overrides`
+    (see :func:`apply_overrides`; the command line's ``--set KEY=VALUE``)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"recipe file {str(path)!r} does not exist; the default one is recipes/default.yaml.")
@@ -235,7 +373,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ValueError(f"recipe file {str(path)!r} is not valid YAML: {error}") from error
+    raw = apply_overrides(raw, overrides)  # a copy in any case: no mapping shared through YAML aliases
     return parse_recipe(raw, str(path))
 
 
-__all__ = ["Recipe", "StageSpec", "STAGE_TRAINERS", "load_recipe", "parse_recipe"]
+__all__ = ["Recipe", "StageSpec", "STAGE_TRAINERS", "apply_overrides", "load_recipe", "parse_recipe"]

@@ -167,3 +167,61 @@ def test_parse_recipe_reports_stage_lookup_errors():
     recipe = parse_recipe(TINY_RECIPE)
     with pytest.raises(ValueError, match="unknown stage 'nope'"):
         recipe.stage("nope")
+
+
+def test_overrides_change_recipe_values_before_validation(tmp_path):
+    from recipes.recipe import apply_overrides
+
+    path = write_recipe(tmp_path, TINY_RECIPE)
+    recipe = load_recipe(path, [
+        "stages.smat.config.max_steps=7",         # a stage by name
+        "stages.0.config.learning_rate=0.01",     # ... or by index
+        "data.source=stories.jsonl",              # plain strings stay strings
+        "model.overrides.stm_size=16",            # numbers are read as YAML
+        "stages.mrl.config.curriculum_steps=[1, 2]",
+        "evaluation.data.subset=steps-2",         # missing mappings on the way are created
+    ])
+    assert recipe.stage("smat").config["max_steps"] == 7
+    assert recipe.stages[0].config["learning_rate"] == 0.01
+    assert recipe.data["source"] == "stories.jsonl" and recipe.model["overrides"]["stm_size"] == 16
+    assert recipe.stage("mrl").config["curriculum_steps"] == [1, 2]
+    assert recipe.evaluation_data() == {**recipe.data, "subset": "steps-2"}
+    # the YAML file and a mapping given to apply_overrides are not changed
+    assert yaml.safe_load(path.read_text()) == TINY_RECIPE
+    raw = json.loads(json.dumps(TINY_RECIPE))
+    assert apply_overrides(raw, {"seed": 5})["seed"] == 5 and raw["seed"] == 0
+    for overrides, message in [
+        (["max_steps"], "override 'max_steps' is invalid: write KEY=VALUE"),
+        (["stages.nope.config.max_steps=1"], r"no list element 'nope'.*'pretrain', 'sft'"),
+        (["seed.value=1"], "'seed' holds the int 0, not a mapping"),
+        (["stages.smat.config.max_steps=many"], r"stages\[smat\].config.max_steps='many'"),
+        (["data.subset=[1]"], r"data.subset=\[1\] is invalid: it must be a non-empty string or null"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_recipe(path, overrides)
+
+
+def test_set_on_the_command_line_is_checked_before_training(tmp_path):
+    path = write_recipe(tmp_path, TINY_RECIPE)
+    with pytest.raises(ValueError, match=r"stages\[sft\].config.learning_rat"):
+        main(["train", str(path), "--output", str(tmp_path / "out"), "--set", "stages.sft.config.learning_rat=0.1"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_epochs_set_the_stage_length_from_the_data_size():
+    recipe = parse_recipe(with_changes(lambda r: (
+        r["stages"][1].update(epochs=1.5),
+        r["stages"][1]["config"].pop("max_steps"),
+        r["stages"][1]["config"].update(per_device_batch_size=4, gradient_accumulation_steps=2),
+        r["stages"][4].update(epochs=2),
+        r["stages"][4]["config"].pop("max_steps"),
+    )))
+    assert recipe.stage("sft").steps_for_epochs(10) == 2    # 15 rows / 8 rows per step
+    assert recipe.stage("mrl").steps_for_epochs(5) == 5     # 10 conversations / (4 rollouts / 2 generations)
+    for change, message in [
+        (lambda r: r["stages"][1].update(epochs=2), r"config.max_steps=2 is invalid: epochs=2 sets the stage length"),
+        (lambda r: r["stages"][1].update(epochs=0), r"stages\[sft\].epochs=0 is invalid"),
+        (lambda r: (r["stages"][3].update(epochs=1), r["stages"][3]["config"].pop("max_steps")), "turn_datasets"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_recipe(with_changes(change))
