@@ -205,3 +205,67 @@ def test_alpha_micro_recipe_names_a_missing_split_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"stages\[smat\].data: data.train_split='supervisd' is not a split"):
         main(argv)
     assert not any((tmp_path / "out").glob("01-*"))
+
+
+FINETUNE = "recipes/finetune-converted.yaml"
+
+
+def saved_checkpoint(folder):
+    """A folder as `rxt convert` writes one: RxTForCausalLM.save_pretrained + its tokenizer (here rxt-tiny)."""
+    from modeling_rxt import build_tokenizer, special_token_ids
+
+    tokenizer = build_tokenizer(tiny_corpus(240), vocab_size=400, model_max_length=48)
+    config = RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer), max_position_embeddings=48,
+                                   **special_token_ids(tokenizer))
+    torch.manual_seed(3)
+    model = RxTForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+def test_finetune_recipe_is_valid():
+    recipe = load_recipe(FINETUNE)
+    assert [(s.name, s.trainer) for s in recipe.stages] == [("smat", "smat"), ("mrl", "mrl")]
+    assert recipe.model == {"from_pretrained": "converted/rxt-alpha-micro"}
+    assert recipe.tokenizer == {"path": "converted/rxt-alpha-micro"}
+    assert recipe.evaluation["split"] == recipe.data["eval_split"] == "validation"
+
+
+def test_finetune_recipe_trains_a_saved_checkpoint_on_local_conversations(tmp_path):
+    checkpoint = tmp_path / "converted"
+    start, tokenizer = saved_checkpoint(checkpoint)
+    write_jsonl(tmp_path / "conversations" / "train.jsonl", [conversation(i, 4, "train") for i in range(4)])
+    write_jsonl(tmp_path / "conversations" / "validation.jsonl", [conversation(i, 3, "validation") for i in range(2)])
+    out = tmp_path / "out"
+    sets = [
+        f"model.from_pretrained={checkpoint}", f"tokenizer.path={checkpoint}",
+        f"data.source={tmp_path / 'conversations'}",
+        "stages.smat.config.per_device_batch_size=2", "stages.smat.config.max_length=48",
+        "stages.smat.config.disable_tqdm=true", "stages.smat.config.report_to=none",
+        "stages.mrl.config.per_device_train_batch_size=4", "stages.mrl.config.num_generations=2",
+        "stages.mrl.config.max_completion_length=6", "stages.mrl.config.max_interaction_length=48",
+        "stages.mrl.config.use_cpu=true", "stages.mrl.config.disable_tqdm=true",
+        "evaluation.num_conversations=2", "evaluation.max_new_tokens=4", "evaluation.batch_size=2",
+    ]
+    argv = ["train", FINETUNE, "--output", str(out)]
+    for item in sets:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    for folder in ("01-smat", "02-mrl", "final"):
+        assert (out / folder / "config.json").is_file(), folder
+    history = json.loads((out / "final" / "rxt_training_history.json").read_text())
+    assert [(e["stage"], e["steps"]) for e in history] == [("smat", 2 * math.ceil(4 / 2)), ("mrl", math.ceil(4 / 2))]
+    final = RxTForCausalLM.from_pretrained(out / "final")
+    # it started from the checkpoint: the embedding, frozen in both stages, is exactly the saved one ...
+    assert torch.equal(final.get_input_embeddings().weight, start.get_input_embeddings().weight)
+    # ... and the trained components moved away from it
+    for component in ("decoder", "memory_attention", "encoder"):
+        before = dict(getattr(start.model, component).named_parameters())
+        after = dict(getattr(final.model, component).named_parameters())
+        assert any(not torch.equal(after[name], value) for name, value in before.items()), component
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out / "final").get_vocab() == tokenizer.get_vocab()
+    evaluation = json.loads((out / "evaluation.json").read_text())  # on the validation split, 2 conversations x 4 turns
+    assert evaluation["num_conversations"] == 2 and evaluation["num_turns"] == 8
