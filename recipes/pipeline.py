@@ -305,7 +305,8 @@ def evaluate_model(
             data[key] = settings[key]
     data.setdefault("seed", seed)
     split = settings.get("split", "test")
-    test = pick_split(load_stage_dataset(seed, data, "multi-turn", extra_splits=[split]), data, split, "evaluation.split")
+    dataset = load_stage_dataset(seed, data, "multi-turn", extra_splits=[split])
+    test = pick_split(dataset, data, split, "evaluation.split")
     count = min(len(test), settings.get("num_conversations") or len(test))
     log(f"evaluating {folder} on {count} test conversations")
     result = evaluate_memory(

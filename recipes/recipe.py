@@ -221,11 +221,15 @@ def _check_epochs(name: str, entry: dict) -> float | None:
     if epochs is None:
         return None
     if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < math.inf:
-        raise recipe_error(f"stages[{name}].epochs", epochs, "it must be a number > 0 (passes over the training split).")
+        raise recipe_error(
+            f"stages[{name}].epochs", epochs, "it must be a number > 0 (passes over the training split)."
+        )
     steps = (entry.get("config") or {}).get("max_steps")
     if steps is not None:
         raise recipe_error(
-            f"stages[{name}].config.max_steps", steps, f"epochs={epochs} sets the stage length already; keep one of the two."
+            f"stages[{name}].config.max_steps",
+            steps,
+            f"epochs={epochs} sets the stage length already; keep one of the two.",
         )
     if (entry.get("data") or {}).get("turn_datasets") is not None:
         raise recipe_error(
@@ -313,7 +317,9 @@ def _list_index(node: list, part: str, key: str) -> int:
         if isinstance(element, dict) and element.get("name") == part:
             return index
     names = [e.get("name") for e in node if isinstance(e, dict)]
-    raise ValueError(f"override {key!r}: no list element {part!r}; use an index below {len(node)} or a name from {names}.")
+    raise ValueError(
+        f"override {key!r}: no list element {part!r}; use an index below {len(node)} or a name from {names}."
+    )
 
 
 def _child(node: Any, part: str, key: str) -> Any:

@@ -152,7 +152,8 @@ def test_alpha_micro_recipe_is_the_cards_curriculum():
         128, 6, 8, 4, 4)
     assert (c.decoder_feed_forward, c.num_experts, c.num_experts_per_token, c.decoder_intermediate_size) == (
         "moe", 12, 2, 256)
-    assert (c.encoder_intermediate_size, c.memory_attention_variant, c.residual_gate_type) == (384, "interlayer", "linear")
+    assert (c.encoder_intermediate_size, c.memory_attention_variant, c.residual_gate_type) == (
+        384, "interlayer", "linear")
     assert (c.residual_gate_granularity, c.max_position_embeddings, c.stm_size) == ("slot", 256, 256)
     assert list(model.init_memory(1).shape) == [1, 6, 256, 128]
     assert 11e6 < model.num_parameters() < 13e6  # the card: ~12M
@@ -189,7 +190,8 @@ def test_alpha_micro_recipe_runs_every_stage_on_local_hub_layout_data(tmp_path):
     assert steps == expected
     mrl = [entry["config"] for entry in history[4:]]  # the MRL curriculum: one stage per subset
     assert [(c["curriculum_steps"], c["curriculum_strategies"]) for c in mrl] == [
-        ([2], ["cumulative"]), ([4], ["cumulative"]), ([6], ["cumulative"]), ([8], ["cumulative"]), ([8], ["long-range"])]
+        ([2], ["cumulative"]), ([4], ["cumulative"]), ([6], ["cumulative"]), ([8], ["cumulative"]),
+        ([8], ["long-range"])]
     # the final evaluation read the held-out TinyStories-MRL split: perplexity with memory and without
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["num_conversations"] == 2 and evaluation["num_turns"] == 2 * 9

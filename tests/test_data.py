@@ -264,7 +264,8 @@ def test_local_folder_in_hub_layout_subset_and_named_splits(tmp_path):
     import json
 
     folder = tmp_path / "TinyStories-MRL"
-    for subset, splits in {"steps-2": ("train", "validation"), "steps-6": ("train", "validation", "supervised")}.items():
+    layout = {"steps-2": ("train", "validation"), "steps-6": ("train", "validation", "supervised")}
+    for subset, splits in layout.items():
         (folder / subset).mkdir(parents=True)
         for split in splits:
             rows = _mrl_rows(3, int(subset[-1]), f"{subset}/{split}")
