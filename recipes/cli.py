@@ -84,6 +84,38 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.set_defaults(func=command_chat)
 
+    convert = subparsers.add_parser(
+        "convert",
+        help="convert a reference (rxlm) RxT checkpoint into a transformers folder (docs/conversion.md)",
+        description=(
+            "Convert a checkpoint of the reference RxT implementation (rxlm 0.3.x): SRC is a whole RxTAlpha / RxTBeta "
+            "folder or a folder of decoder / encoder / memory-attention component folders; or give the three "
+            "component folders with --decoder --encoder --memory-attention and only DEST."
+        ),
+    )
+    convert.add_argument("paths", nargs="+", metavar="SRC DEST", help="[SRC] DEST (SRC may be omitted with the three component flags)")
+    convert.add_argument("--decoder", default=None, help="reference decoder component folder")
+    convert.add_argument("--encoder", default=None, help="reference encoder component folder")
+    convert.add_argument("--memory-attention", default=None, help="reference memory-attention component folder")
+    convert.add_argument("--tokenizer", default=None, help="reference tokenizer.json or its folder (default: found in SRC)")
+    convert.add_argument(
+        "--rope-layout",
+        choices=["interleaved", "legacy"],
+        default="interleaved",
+        help="'interleaved': rxlm >= 0.3.40 (December 2025 on); 'legacy': older rxlm and RxNN checkpoints",
+    )
+    convert.add_argument(
+        "--initial-stm",
+        choices=["normal", "saved", "zeros"],
+        default="normal",
+        help="init_memory() of the converted model: N(0, 1) as the reference's STM reset (default), the STM stored in "
+        "the checkpoint, or zeros",
+    )
+    convert.add_argument("--token-ids", default=None, help='JSON overrides of special-token ids, e.g. \'{"bos_token_id": 2}\'')
+    convert.add_argument("--source-name", default=None, help="how the model card names the source (e.g. its Hub id)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DEST")
+    convert.set_defaults(func=command_convert)
+
     # `rxt serve` parses its own options (serving.server.build_parser, from ServeConfig) when it runs, so the
     # optional serve extra (fastapi, uvicorn) and torch are imported only then.
     serve = subparsers.add_parser(
@@ -189,6 +221,41 @@ def command_chat(args) -> int:
         if args.memory:
             chat.save(args.memory)
     chat.wait()
+    return 0
+
+
+def command_convert(args) -> int:
+    import json
+    import logging
+
+    from recipes.convert import ReferenceConversionError, convert_reference_checkpoint
+
+    components = (args.decoder, args.encoder, args.memory_attention)
+    if len(args.paths) > 2 or (len(args.paths) == 1 and not any(components)):
+        raise SystemExit("rxt convert: usage: rxt convert SRC DEST, or rxt convert --decoder D --encoder E --memory-attention M DEST")
+    src, dest = (args.paths[0], args.paths[1]) if len(args.paths) == 2 else (None, args.paths[0])
+    try:
+        token_ids = json.loads(args.token_ids) if args.token_ids else None
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"rxt convert: --token-ids is not valid JSON ({error}).") from None
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        folder = convert_reference_checkpoint(
+            src,
+            dest,
+            decoder=args.decoder,
+            encoder=args.encoder,
+            memory_attention=args.memory_attention,
+            tokenizer=args.tokenizer,
+            rope_layout=args.rope_layout,
+            initial_stm=args.initial_stm,
+            token_ids=token_ids,
+            source_name=args.source_name,
+            overwrite=args.overwrite,
+        )
+    except ReferenceConversionError as error:
+        raise SystemExit(f"rxt convert: {error}") from None
+    print(f"converted to {folder} (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
     return 0
 
 
