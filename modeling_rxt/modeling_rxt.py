@@ -805,7 +805,8 @@ class RxTMemoryAttention(nn.Module):
             stm_means = stm_state.mean(dim=1, keepdim=True)  # [B, 1, S, D]
         else:  # groups of consecutive layers
             batch, layers, slots, dim = stm_state.shape
-            stm_means = stm_state.view(batch, self.groups, layers // self.groups, slots, dim).mean(dim=2)  # [B, G, S, D]
+            grouped = stm_state.view(batch, self.groups, layers // self.groups, slots, dim)
+            stm_means = grouped.mean(dim=2)  # [B, G, S, D]
         per_group = len(self.layers) // stm_means.shape[1]
         new_layers = [
             layer(stm_state[:, idx], stm_means[:, idx // per_group], encoded[:, idx], mask, rotary)

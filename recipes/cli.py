@@ -93,11 +93,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
             "component folders with --decoder --encoder --memory-attention and only DEST."
         ),
     )
-    convert.add_argument("paths", nargs="+", metavar="SRC DEST", help="[SRC] DEST (SRC may be omitted with the three component flags)")
+    convert.add_argument(
+        "paths", nargs="+", metavar="SRC DEST", help="[SRC] DEST (SRC may be omitted with the three component flags)"
+    )
     convert.add_argument("--decoder", default=None, help="reference decoder component folder")
     convert.add_argument("--encoder", default=None, help="reference encoder component folder")
     convert.add_argument("--memory-attention", default=None, help="reference memory-attention component folder")
-    convert.add_argument("--tokenizer", default=None, help="reference tokenizer.json or its folder (default: found in SRC)")
+    convert.add_argument(
+        "--tokenizer", default=None, help="reference tokenizer.json or its folder (default: found in SRC)"
+    )
     convert.add_argument(
         "--rope-layout",
         choices=["interleaved", "legacy"],
@@ -111,7 +115,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         help="init_memory() of the converted model: N(0, 1) as the reference's STM reset (default), the STM stored in "
         "the checkpoint, or zeros",
     )
-    convert.add_argument("--token-ids", default=None, help='JSON overrides of special-token ids, e.g. \'{"bos_token_id": 2}\'')
+    convert.add_argument(
+        "--token-ids", default=None, help='JSON overrides of special-token ids, e.g. \'{"bos_token_id": 2}\''
+    )
     convert.add_argument("--source-name", default=None, help="how the model card names the source (e.g. its Hub id)")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DEST")
     convert.set_defaults(func=command_convert)
@@ -232,7 +238,9 @@ def command_convert(args) -> int:
 
     components = (args.decoder, args.encoder, args.memory_attention)
     if len(args.paths) > 2 or (len(args.paths) == 1 and not any(components)):
-        raise SystemExit("rxt convert: usage: rxt convert SRC DEST, or rxt convert --decoder D --encoder E --memory-attention M DEST")
+        raise SystemExit(
+            "rxt convert: usage: rxt convert SRC DEST, or rxt convert --decoder D --encoder E --memory-attention M DEST"
+        )
     src, dest = (args.paths[0], args.paths[1]) if len(args.paths) == 2 else (None, args.paths[0])
     try:
         token_ids = json.loads(args.token_ids) if args.token_ids else None

@@ -49,6 +49,7 @@ ATTRIBUTION_NOTICE = "This model is based on the Reactive Transformer Architectu
 
 # Constructor defaults of rxlm 0.3.92 (facts read from its signatures): `config.json` holds only the arguments
 # that were passed, so an absent key means this value.
+# fmt: off
 COMPONENT_DEFAULTS: dict = {
     "num_layers": 12, "vocab_size": 20000, "embed_dim": 512, "ff_dim": 1536, "att_heads": 16, "seq_len": 1024,
     "stm_size": 1024, "use_flash_attention": False, "use_gated": True, "ff_activation": "swish", "ff_dropout": 0.0,
@@ -80,6 +81,7 @@ MEMORY_DEFAULTS: dict = {
     "use_gate_for_self_attention": False, "disable_residual": False, "debug_mode": False, "debug_interval": 10,
     "rope_base": 10000,
 }
+# fmt: on
 # reference memory norm type -> (this project's memory_norm_type, what is dropped / why)
 MEMORY_NORMS = {
     "classic-rms": "rms",
@@ -88,7 +90,14 @@ MEMORY_NORMS = {
     "adaptive": "gated-rms",  # its EMA statistics are read only in training; inference uses the per-slot RMS
     "positional": "gated-ema-rms",
 }
-ACTIVATIONS = {"swish": "silu", "silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid", "linear": "linear"}
+ACTIVATIONS = {
+    "swish": "silu",
+    "silu": "silu",
+    "gelu": "gelu",
+    "relu": "relu",
+    "sigmoid": "sigmoid",
+    "linear": "linear",
+}
 ROPE_BUFFER = re.compile(r"(^|\.)rope\.(inv_freq|cache)$")
 
 
@@ -207,7 +216,7 @@ def _split_whole(folder: Path, notes: list[str]) -> tuple[dict, dict[str, Compon
             config_file=config_file,
             weights_file=weights_file,
             prefix=prefix,
-            tensors={key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)},
+            tensors={key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)},
         )
     return config, components
 
@@ -259,7 +268,7 @@ def _read_component(role: str, folder: Path, notes: list[str]) -> Component:
         config_file=config_file,
         weights_file=weights_file,
         prefix="model.",
-        tensors={key[len("model."):]: value for key, value in tensors.items()},
+        tensors={key[len("model.") :]: value for key, value in tensors.items()},
     )
 
 
@@ -355,8 +364,12 @@ def build_config(
             f"decoder stm_size={dec['stm_size']} differs from the memory attention's {mem['stm_size']}: the memory "
             "attention's STM (shared by share_components()) is used"
         )
-    self_heads = _heads(decoder, dec["self_att_type"], dec["att_heads"], dec["att_groups"], dec["att_query_groups"], "self_att_type")
-    encoder_heads = _heads(encoder, enc["self_att_type"], enc["att_heads"], enc["att_groups"], enc["att_query_groups"], "self_att_type")
+    self_heads = _heads(
+        decoder, dec["self_att_type"], dec["att_heads"], dec["att_groups"], dec["att_query_groups"], "self_att_type"
+    )
+    encoder_heads = _heads(
+        encoder, enc["self_att_type"], enc["att_heads"], enc["att_groups"], enc["att_query_groups"], "self_att_type"
+    )
     if self_heads != encoder_heads:
         raise ReferenceConversionError(
             f"{encoder.config_file}: the encoder's self-attention heads {encoder_heads} differ from the decoder's "
@@ -373,7 +386,9 @@ def build_config(
     for key in ("att_type", f"{'self' if memory_class == 'self' else 'interlayer'}_att_type"):
         if mem[key] in ("gma", "dma"):
             raise _unsupported(memory, key, mem[key], "experimental attention types have no equivalent here")
-    memory_heads = _heads(memory, mem["att_type"], mem["att_heads"], mem["att_groups"], mem["att_query_groups"], "att_type")
+    memory_heads = _heads(
+        memory, mem["att_type"], mem["att_heads"], mem["att_groups"], mem["att_query_groups"], "att_type"
+    )
     pre_prefix = "self" if memory_class == "self" else "interlayer"
     pre_heads = memory_heads
     if memory_class != "simple":
@@ -591,7 +606,10 @@ class Mapper:
             self.put(f"{dst}.weight", comp.take(f"{src}.gate", (slots, 1) if per_slot else (1,), f"{what} gate"))
             return
         if status_linear:
-            self.put(f"{dst}.status_proj.weight", comp.take(f"{src}.slot_status.weight", (1, self.dim), f"{what} slot status"))
+            self.put(
+                f"{dst}.status_proj.weight",
+                comp.take(f"{src}.slot_status.weight", (1, self.dim), f"{what} slot status"),
+            )
             self.put(f"{dst}.status_proj.bias", comp.take(f"{src}.slot_status.bias", (1,), f"{what} slot status"))
         if gate_type == "elementwise":
             weight = comp.take(f"{src}.gate", (slots, 1) if per_slot else (1,), f"{what} gate")
@@ -606,7 +624,9 @@ class Mapper:
         packed = comp.take(f"{src}.fc1.linear.weight", (2 * hidden, self.dim), f"{what} input projection")
         self.put(f"{dst}.up_proj.weight", packed[:hidden])
         self.put(f"{dst}.gate_proj.weight", packed[hidden:])
-        self.put(f"{dst}.down_proj.weight", comp.take(f"{src}.fc2.weight", (self.dim, hidden), f"{what} output projection"))
+        self.put(
+            f"{dst}.down_proj.weight", comp.take(f"{src}.fc2.weight", (self.dim, hidden), f"{what} output projection")
+        )
         if bias:
             packed_bias = comp.take(f"{src}.fc1.linear.bias", (2 * hidden,), f"{what} input bias")
             self.put(f"{dst}.up_proj.bias", packed_bias[:hidden])
@@ -636,11 +656,24 @@ class Mapper:
         for i in range(config.num_hidden_layers):
             src, dst = f"layers.{i}", f"model.decoder.layers.{i}"
             self.norm(comp, f"{src}.norm1", f"{dst}.self_attn_norm", kind, f"decoder layer {i} self-attention norm")
-            self.attention(comp, f"{src}.attention", f"{dst}.self_attn", "self_attention", "query_key", f"decoder layer {i} self-attention")
-            self.norm(comp, f"{src}.norm2", f"{dst}.cross_attn_norm", kind, f"decoder layer {i} memory cross-attention norm")
+            self.attention(
+                comp,
+                f"{src}.attention",
+                f"{dst}.self_attn",
+                "self_attention",
+                "query_key",
+                f"decoder layer {i} self-attention",
+            )
+            self.norm(
+                comp, f"{src}.norm2", f"{dst}.cross_attn_norm", kind, f"decoder layer {i} memory cross-attention norm"
+            )
             self.norm(comp, f"{src}.stm_norm", f"{dst}.memory_norm", kind, f"decoder layer {i} STM norm")
             self.attention(
-                comp, f"{src}.memory_cross_attention", f"{dst}.memory_cross_attn", "memory_cross_attention", "query",
+                comp,
+                f"{src}.memory_cross_attention",
+                f"{dst}.memory_cross_attn",
+                "memory_cross_attention",
+                "query",
                 f"decoder layer {i} memory cross-attention",
             )
             self.norm(comp, f"{src}.norm3", f"{dst}.ff_norm", kind, f"decoder layer {i} feed-forward norm")
@@ -652,7 +685,12 @@ class Mapper:
             self.put(f"{out}.router.weight", comp.take(f"{ff}.router.gate.weight", (experts, self.dim), "the router"))
             if c["use_vectorized_moe"]:
                 self.stacked_experts(
-                    comp, f"{ff}.", f"{out}.experts", experts, c["ff_dim"], config.moe_expert_bias,
+                    comp,
+                    f"{ff}.",
+                    f"{out}.experts",
+                    experts,
+                    c["ff_dim"],
+                    config.moe_expert_bias,
                     f"decoder layer {i} experts'",
                 )
                 if comp.drop(rf"^{re.escape(ff)}\.experts\."):
@@ -661,30 +699,51 @@ class Mapper:
                         "the reference computes with w1 / w2"
                     )
                 if config.moe_routed_output_bias:
-                    self.put(f"{out}.routed_bias", comp.take(f"{ff}.global_bias", (self.dim,), "the experts' output bias"))
+                    self.put(
+                        f"{out}.routed_bias", comp.take(f"{ff}.global_bias", (self.dim,), "the experts' output bias")
+                    )
                 shared_hidden = config.moe_shared_intermediate_size or c["ff_dim"]
                 if shared == 1:
                     self.gated_feed_forward(
-                        comp, f"{ff}.shared_expert", f"{out}.shared_experts.0", shared_hidden,
-                        config.moe_shared_expert_bias, f"decoder layer {i} shared expert",
+                        comp,
+                        f"{ff}.shared_expert",
+                        f"{out}.shared_experts.0",
+                        shared_hidden,
+                        config.moe_shared_expert_bias,
+                        f"decoder layer {i} shared expert",
                     )
                 elif shared > 1:
                     self.stacked_experts(
-                        comp, f"{ff}.shared_", f"{out}.shared_experts", shared, shared_hidden,
-                        config.moe_shared_expert_bias, f"decoder layer {i} shared experts'",
+                        comp,
+                        f"{ff}.shared_",
+                        f"{out}.shared_experts",
+                        shared,
+                        shared_hidden,
+                        config.moe_shared_expert_bias,
+                        f"decoder layer {i} shared experts'",
                     )
                 if config.moe_shared_output_bias:
                     self.put(
-                        f"{out}.shared_bias", comp.take(f"{ff}.shared_experts_bias", (self.dim,), "the shared experts' bias")
+                        f"{out}.shared_bias",
+                        comp.take(f"{ff}.shared_experts_bias", (self.dim,), "the shared experts' bias"),
                     )
             else:
                 for e in range(experts):
                     self.gated_feed_forward(
-                        comp, f"{ff}.experts.{e}", f"{out}.experts.{e}", c["ff_dim"], True, f"decoder layer {i} expert {e}"
+                        comp,
+                        f"{ff}.experts.{e}",
+                        f"{out}.experts.{e}",
+                        c["ff_dim"],
+                        True,
+                        f"decoder layer {i} expert {e}",
                     )
                 for s in range(shared):
                     self.gated_feed_forward(
-                        comp, f"{ff}.shared_experts.{s}", f"{out}.shared_experts.{s}", c["ff_dim"], True,
+                        comp,
+                        f"{ff}.shared_experts.{s}",
+                        f"{out}.shared_experts.{s}",
+                        c["ff_dim"],
+                        True,
                         f"decoder layer {i} shared expert {s}",
                     )
             if config.moe_shared_expert_gate:
@@ -704,52 +763,115 @@ class Mapper:
         for i in range(config.num_hidden_layers):
             src, dst = f"layers.{i}", f"model.encoder.layers.{i}"
             self.norm(comp, f"{src}.norm1", f"{dst}.self_attn_norm", kind, f"encoder layer {i} self-attention norm")
-            self.attention(comp, f"{src}.attention", f"{dst}.self_attn", "self_attention", "query_key", f"encoder layer {i} self-attention")
+            self.attention(
+                comp,
+                f"{src}.attention",
+                f"{dst}.self_attn",
+                "self_attention",
+                "query_key",
+                f"encoder layer {i} self-attention",
+            )
             self.norm(comp, f"{src}.norm3", f"{dst}.ff_norm", kind, f"encoder layer {i} feed-forward norm")
-            self.gated_feed_forward(comp, f"{src}.ff", f"{dst}.feed_forward", comp.config["ff_dim"], True, f"encoder layer {i} feed-forward")
+            self.gated_feed_forward(
+                comp, f"{src}.ff", f"{dst}.feed_forward", comp.config["ff_dim"], True, f"encoder layer {i} feed-forward"
+            )
         # this project's encoder ends with a norm that feeds only the MLM head of training stages 1-2; the reference
         # encoder returns its last layer's states unnormed: start that norm at its initial values
         self.put("model.encoder.norm.weight", torch.ones(self.dim))
         # the reference encoder's layers also build a memory cross-attention, which its forward never runs
         if comp.drop(r"^layers\.\d+\.(memory_cross_attention\.|norm2\.|stm_norm\.)"):
-            self.notes.append("the encoder's memory cross-attention weights (never run by the reference encoder) were dropped")
+            self.notes.append(
+                "the encoder's memory cross-attention weights (never run by the reference encoder) were dropped"
+            )
 
     def memory_attention(self, comp: Component, memory_class: str) -> None:
         config, c = self.config, comp.config
         reference_norm = c["norm_type"]
         for i in range(config.num_hidden_layers):
             dst = f"model.memory_attention.layers.{i}"
-            self.attention(comp, f"attention_layers.{i}", f"{dst}.attention", "memory_attention", "key", f"memory attention layer {i}")
-            self.memory_norm(comp, f"memory_norm_layers.{i}", [f"{dst}.memory_norm"], reference_norm, f"memory attention layer {i} STM norm")
-            self.norm(comp, f"memory_input_norm_layers.{i}", f"{dst}.encoded_norm", "rms", f"memory attention layer {i} input norm")
-            self.gate(comp, f"residual_gate_layers.{i}", f"{dst}.gate", config.residual_gate_type, f"memory attention layer {i} residual")
+            self.attention(
+                comp,
+                f"attention_layers.{i}",
+                f"{dst}.attention",
+                "memory_attention",
+                "key",
+                f"memory attention layer {i}",
+            )
+            self.memory_norm(
+                comp,
+                f"memory_norm_layers.{i}",
+                [f"{dst}.memory_norm"],
+                reference_norm,
+                f"memory attention layer {i} STM norm",
+            )
+            self.norm(
+                comp,
+                f"memory_input_norm_layers.{i}",
+                f"{dst}.encoded_norm",
+                "rms",
+                f"memory attention layer {i} input norm",
+            )
+            self.gate(
+                comp,
+                f"residual_gate_layers.{i}",
+                f"{dst}.gate",
+                config.residual_gate_type,
+                f"memory attention layer {i} residual",
+            )
             if memory_class == "simple":
                 continue
             pre = "self" if memory_class == "self" else "mean"
             self.attention(
-                comp, f"{pre}_attention_layers.{i}", f"{dst}.pre_attention", "memory_pre_attention", "none",
+                comp,
+                f"{pre}_attention_layers.{i}",
+                f"{dst}.pre_attention",
+                "memory_pre_attention",
+                "none",
                 f"memory attention layer {i} {'self' if pre == 'self' else 'interlayer'} attention",
             )
             pre_gate = config.memory_pre_gate_type or config.residual_gate_type
             if memory_class == "self":
                 self.memory_norm(
-                    comp, f"self_memory_norm_layers.{i}", [f"{dst}.pre_query_norm", f"{dst}.pre_key_value_norm"],
-                    reference_norm, f"memory attention layer {i} self-attention norm",
+                    comp,
+                    f"self_memory_norm_layers.{i}",
+                    [f"{dst}.pre_query_norm", f"{dst}.pre_key_value_norm"],
+                    reference_norm,
+                    f"memory attention layer {i} self-attention norm",
                 )
-                self.gate(comp, f"self_residual_gate_layers.{i}", f"{dst}.pre_gate", pre_gate, f"memory attention layer {i} self")
+                self.gate(
+                    comp,
+                    f"self_residual_gate_layers.{i}",
+                    f"{dst}.pre_gate",
+                    pre_gate,
+                    f"memory attention layer {i} self",
+                )
             else:
                 self.memory_norm(
-                    comp, f"mean_memory_norm_layers.{i}", [f"{dst}.pre_query_norm"], reference_norm,
+                    comp,
+                    f"mean_memory_norm_layers.{i}",
+                    [f"{dst}.pre_query_norm"],
+                    reference_norm,
                     f"memory attention layer {i} interlayer norm",
                 )
-                self.gate(comp, f"mean_residual_gate_layers.{i}", f"{dst}.pre_gate", pre_gate, f"memory attention layer {i} interlayer")
+                self.gate(
+                    comp,
+                    f"mean_residual_gate_layers.{i}",
+                    f"{dst}.pre_gate",
+                    pre_gate,
+                    f"memory attention layer {i} interlayer",
+                )
             if memory_class == "self-interlayer":
                 self.gate(
-                    comp, f"interlayer_gate_layers.{i}", f"{dst}.source_gate", config.residual_gate_type,
+                    comp,
+                    f"interlayer_gate_layers.{i}",
+                    f"{dst}.source_gate",
+                    config.residual_gate_type,
                     f"memory attention layer {i} self / interlayer blend",
                 )
         if memory_class in ("interlayer", "self-interlayer"):  # one norm of the mean STM, shared by all layers
-            destinations = [f"model.memory_attention.layers.{i}.pre_key_value_norm" for i in range(config.num_hidden_layers)]
+            destinations = [
+                f"model.memory_attention.layers.{i}.pre_key_value_norm" for i in range(config.num_hidden_layers)
+            ]
             self.memory_norm(comp, "mean_stm_norm", destinations, reference_norm, "the mean-STM norm")
 
 
@@ -791,21 +913,29 @@ def find_tokenizer(candidates: list[Path]) -> Path:
     )
 
 
-def special_token_ids(tokenizer_file: Path, vocab: dict[str, int], tokenizer_config: dict | None) -> dict[str, int | None]:
+def special_token_ids(
+    tokenizer_file: Path, vocab: dict[str, int], tokenizer_config: dict | None
+) -> dict[str, int | None]:
     """This project's special-token fields, from the reference's `tokenizer_config` or the token names."""
     names = {
-        "bos_token_id": "[BOS]", "eos_token_id": "[EOS]", "pad_token_id": "[PAD]", "unk_token_id": "[UNK]",
-        "mask_token_id": "[MASK]", "query_token_id": "[Q]", "answer_token_id": "[A]", "think_token_id": "[T]",
+        "bos_token_id": "[BOS]",
+        "eos_token_id": "[EOS]",
+        "pad_token_id": "[PAD]",
+        "unk_token_id": "[UNK]",
+        "mask_token_id": "[MASK]",
+        "query_token_id": "[Q]",
+        "answer_token_id": "[A]",
+        "think_token_id": "[T]",
     }
-    ids: dict[str, int | None] = {field: vocab.get(token) for field, token in names.items()}
-    for field, value in (tokenizer_config or {}).items():
-        if field in ids and value is not None:
-            ids[field] = int(value)
-    for field in ("bos_token_id", "eos_token_id", "query_token_id", "answer_token_id", "pad_token_id"):
-        if ids[field] is None:
+    ids: dict[str, int | None] = {name: vocab.get(token) for name, token in names.items()}
+    for name, value in (tokenizer_config or {}).items():
+        if name in ids and value is not None:
+            ids[name] = int(value)
+    for name in ("bos_token_id", "eos_token_id", "query_token_id", "answer_token_id", "pad_token_id"):
+        if ids[name] is None:
             raise ReferenceConversionError(
-                f"{tokenizer_file}: no id for {field} (token {names[field]} is not in the vocabulary and the checkpoint "
-                "has no tokenizer_config): pass token_ids={...} (--token-ids JSON) with the reference's ids."
+                f"{tokenizer_file}: no id for {name} (token {names[name]} is not in the vocabulary and the "
+                "checkpoint has no tokenizer_config): pass token_ids={...} (--token-ids JSON) with the reference's ids."
             )
     return ids
 
@@ -826,7 +956,7 @@ def convert_tokenizer(tokenizer_file: Path, ids: dict[str, int | None], model_ma
     backend.post_processor = None
     if backend.decoder is None and isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):
         backend.decoder = decoders.ByteLevel()  # the reference decodes byte glyphs by string replacement
-    token = {field: backend.id_to_token(value) if value is not None else None for field, value in ids.items()}
+    token = {name: backend.id_to_token(value) if value is not None else None for name, value in ids.items()}
     template = RXT_CHAT_TEMPLATE.replace("[Q]", token["query_token_id"]).replace("[A]", token["answer_token_id"])
     if token["think_token_id"] is not None:
         template = template.replace("[T]", token["think_token_id"])
@@ -859,7 +989,9 @@ def render_model_card(model, source: dict, options: dict, notes: list[str]) -> s
 
         text = (files("model_cards") / "rxt_converted_model_card.md").read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError):
-        text = (Path(__file__).resolve().parent.parent / "model_cards" / "rxt_converted_model_card.md").read_text(encoding="utf-8")
+        text = (Path(__file__).resolve().parent.parent / "model_cards" / "rxt_converted_model_card.md").read_text(
+            encoding="utf-8"
+        )
     config = model.config
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     return environment.from_string(text).render(
@@ -900,10 +1032,16 @@ def _check_leftovers(components: list[Component]) -> None:
             )
 
 
-def _resolve_sources(src, decoder, encoder, memory_attention, notes) -> tuple[str, dict, dict[str, Component], list[Path]]:
+def _resolve_sources(
+    src, decoder, encoder, memory_attention, notes
+) -> tuple[str, dict, dict[str, Component], list[Path]]:
     """('whole' | 'components', whole config or {}, components, folders searched for a tokenizer)."""
     if any(p is not None for p in (decoder, encoder, memory_attention)):
-        missing = [n for n, p in (("decoder", decoder), ("encoder", encoder), ("memory_attention", memory_attention)) if p is None]
+        missing = [
+            n
+            for n, p in (("decoder", decoder), ("encoder", encoder), ("memory_attention", memory_attention))
+            if p is None
+        ]
         if missing:
             raise ReferenceConversionError(
                 f"separate component folders need all three: {missing} not given (decoder=, encoder=, "
@@ -914,7 +1052,9 @@ def _resolve_sources(src, decoder, encoder, memory_attention, notes) -> tuple[st
         search = ([Path(src)] if src is not None else []) + list(folders.values())
         return "components", {}, components, search
     if src is None:
-        raise ReferenceConversionError("nothing to convert: pass SRC (a reference folder) or the three component folders.")
+        raise ReferenceConversionError(
+            "nothing to convert: pass SRC (a reference folder) or the three component folders."
+        )
     src = Path(src)
     if not src.is_dir():
         raise ReferenceConversionError(f"SRC={src} is not a folder.")
@@ -929,7 +1069,8 @@ def _resolve_sources(src, decoder, encoder, memory_attention, notes) -> tuple[st
             f"{config_file} is not a whole RxTAlpha / RxTBeta config (no decoder_config / encoder_config / "
             "memory_attention_config)"
             + (
-                f"; it is a {role} component: pass the three component folders (--decoder --encoder --memory-attention)."
+                f"; it is a {role} component: pass the three component folders (--decoder --encoder "
+                "--memory-attention)."
                 if role
                 else ": not a reference checkpoint."
             )
@@ -994,13 +1135,16 @@ def convert_reference_checkpoint(
 
     if rope_layout not in ROPE_LAYOUTS:
         raise ReferenceConversionError(
-            f"rope_layout={rope_layout!r} is unknown: use 'interleaved' (rxlm >= 0.3.40) or 'legacy' (older rxlm / RxNN)."
+            f"rope_layout={rope_layout!r} is unknown: use 'interleaved' (rxlm >= 0.3.40) or 'legacy' (older rxlm "
+            "and RxNN)."
         )
     if initial_stm not in INITIAL_STM_MODES:
         raise ReferenceConversionError(f"initial_stm={initial_stm!r} is unknown: use one of {INITIAL_STM_MODES}.")
     dest = Path(dest)
     if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())) and not overwrite:
-        raise ReferenceConversionError(f"DEST={dest} exists and is not empty: choose another folder or pass overwrite=True (--overwrite).")
+        raise ReferenceConversionError(
+            f"DEST={dest} exists and is not empty: choose another folder or pass overwrite=True (--overwrite)."
+        )
 
     notes: list[str] = []
     kind, whole_config, components, search = _resolve_sources(src, decoder, encoder, memory_attention, notes)
@@ -1011,7 +1155,9 @@ def convert_reference_checkpoint(
     model_class = None
     if kind == "whole":
         model_class = "RxTBeta" if "think_token_id" in (whole_config.get("tokenizer_config") or {}) else "RxTAlpha"
-        named = whole_config.get("memory_attention_variant", "self-interlayer" if model_class == "RxTBeta" else "interlayer")
+        named = whole_config.get(
+            "memory_attention_variant", "self-interlayer" if model_class == "RxTBeta" else "interlayer"
+        )
         if named not in MEMORY_ATTENTION_VARIANTS:
             raise ReferenceConversionError(
                 f"{dec.config_file}: memory_attention_variant={named!r} is unknown: the reference builds "
@@ -1042,7 +1188,9 @@ def convert_reference_checkpoint(
         token_vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab()
     except Exception as error:
         raise ReferenceConversionError(f"{tokenizer_file} cannot be read by `tokenizers` ({error}).") from None
-    ids = special_token_ids(tokenizer_file, token_vocab, {**(whole_config.get("tokenizer_config") or {}), **(token_ids or {})})
+    ids = special_token_ids(
+        tokenizer_file, token_vocab, {**(whole_config.get("tokenizer_config") or {}), **(token_ids or {})}
+    )
     if len(token_vocab) > dec.config["vocab_size"]:
         raise ReferenceConversionError(
             f"{tokenizer_file}: the tokenizer has {len(token_vocab)} tokens, more than the model's vocab_size="
@@ -1063,13 +1211,17 @@ def convert_reference_checkpoint(
             f"{dec.weights_file}: no token embedding ('{dec.name('embedding.weight')}' or "
             f"'{enc.name('embedding.weight')}'); expected one of shape [{config.vocab_size}, {config.hidden_size}]."
         )
-    embedding = embeddings[0].take("embedding.weight", (config.vocab_size, config.hidden_size), "the shared token embedding")
+    embedding = embeddings[0].take(
+        "embedding.weight", (config.vocab_size, config.hidden_size), "the shared token embedding"
+    )
     for other in embeddings[1:]:
-        duplicate = other.take("embedding.weight", (config.vocab_size, config.hidden_size), "the decoder's token embedding")
+        duplicate = other.take(
+            "embedding.weight", (config.vocab_size, config.hidden_size), "the decoder's token embedding"
+        )
         if not torch.equal(duplicate, embedding):
             notes.append(
-                f"the decoder's own embedding ({other.weights_file}) differs from the encoder's; the encoder's is used, "
-                "as share_components() does"
+                f"the decoder's own embedding ({other.weights_file}) differs from the encoder's; the encoder's is "
+                "used, as share_components() does"
             )
     mapper.put("model.embed_tokens.weight", embedding)
     mapper.decoder(dec)
@@ -1119,7 +1271,8 @@ def convert_reference_checkpoint(
         "folders": folders,
         "weights_sha256": {c.role: _sha256(c.weights_file) for c in (dec, enc, mem)},
         "tokenizer": f"{tokenizer_file.parent.name}/{tokenizer_file.name}",
-        "memory_attention_built": memory_class + (f" ({config.memory_interlayer_groups} groups)" if config.memory_interlayer_groups > 1 else ""),
+        "memory_attention_built": memory_class
+        + (f" ({config.memory_interlayer_groups} groups)" if config.memory_interlayer_groups > 1 else ""),
         "reference": "rxlm 0.3.x (RxTAlpha / RxTBeta)",
     }
     options = {"rope_layout": rope_layout, "initial_stm": initial_stm}
@@ -1131,7 +1284,9 @@ def convert_reference_checkpoint(
         converted_tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(render_model_card(model, source, options, notes), encoding="utf-8")
         record = {"source": source, "options": options, "notes": notes, "config_switches": arguments}
-        (staging / "rxt_conversion.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / "rxt_conversion.json").write_text(
+            json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
         if dest.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{dest.name}.replaced-", dir=dest.parent))
             os.replace(dest, backup / dest.name)

@@ -99,8 +99,13 @@ def test_the_fixtures_cover_every_variant_and_gate():
         config = json.loads((folder / "config.json").read_text())
         configs.append(config.get("memory_attention_config", config))
     covers = " ".join(case["covers"] for case in MANIFEST.values())
-    for network in ("RxTSimpleMemoryAttention", "RxTSelfMemoryAttention", "RxTInterlayerMemoryAttention",
-                    "RxTSelfInterlayerMemoryAttention", "grouped self-interlayer"):
+    for network in (
+        "RxTSimpleMemoryAttention",
+        "RxTSelfMemoryAttention",
+        "RxTInterlayerMemoryAttention",
+        "RxTSelfInterlayerMemoryAttention",
+        "grouped self-interlayer",
+    ):
         assert network in covers, network
     gated = [c for c in configs if c.get("use_gated_residual")]
     assert {c["residual_gate_type"] for c in gated} == {"static", "elementwise", "linear"}
@@ -108,7 +113,13 @@ def test_the_fixtures_cover_every_variant_and_gate():
     assert {c.get("residual_per_slot_gate", True) for c in gated} == {True, False}
     assert {c.get("residual_gate_slot_status_type", "mean") for c in configs} == {"mean", "linear"}
     assert any(not c.get("use_gated_residual") for c in configs) and any(c.get("disable_residual") for c in configs)
-    assert {c.get("norm_type", "classic-rms") for c in configs} == {"classic-rms", "layer", "rms", "adaptive", "positional"}
+    assert {c.get("norm_type", "classic-rms") for c in configs} == {
+        "classic-rms",
+        "layer",
+        "rms",
+        "adaptive",
+        "positional",
+    }
 
 
 def test_rope_layout_matters(tmp_path):
@@ -163,11 +174,13 @@ REMOTE_PARITY = textwrap.dedent(
         prompt = torch.cat([data["prompt_ids"], torch.tensor([[model.config.answer_token_id]])], dim=1)
         output = model.generate(prompt, stm_state=data["generation_stm"].transpose(0, 1).contiguous(),
                                 max_new_tokens=len(data["generated"]), do_sample=False)
-    save_file({"logits": logits, "new_stm": new_stm.contiguous(), "generated": output[0, prompt.shape[1]:].contiguous()},
-              work + "/outputs.safetensors")
+    generated = output[0, prompt.shape[1]:].contiguous()
+    outputs = {"logits": logits, "new_stm": new_stm.contiguous(), "generated": generated}
+    save_file(outputs, work + "/outputs.safetensors")
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     query = "where is the red cat?"
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=True, add_generation_prompt=True)
+    messages = [{"role": "user", "content": query}]
+    chat = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     chat = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
     text = tokenizer.decode(chat[2:-1], skip_special_tokens=True).strip()
     with open(work + "/tokenizer.json", "w") as handle:
@@ -183,8 +196,16 @@ REMOTE_PARITY = textwrap.dedent(
 def test_folder_contents_model_card_and_record(tmp_path):
     folder = convert_case("alpha", tmp_path / "converted", source_name="ReactiveAI/RxT-Alpha-Test")
     files = {path.name for path in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_rxt.py", "configuration_rxt.py", "tokenizer.json",
-            "tokenizer_config.json", "README.md", "rxt_conversion.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_rxt.py",
+        "configuration_rxt.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "rxt_conversion.json",
+    } <= files
     card = (folder / "README.md").read_text()
     assert ATTRIBUTION_NOTICE in card
     assert "ReactiveAI/RxT-Alpha-Test" in card and "base_model:" in card
@@ -209,10 +230,20 @@ def test_initial_stm_modes(tmp_path):
 def test_command_line(tmp_path, capsys):
     case = MANIFEST["interlayer-linear-sigmoid-slot"]
     dest = tmp_path / "cli"
-    code = cli_main([
-        "convert", str(dest), "--decoder", str(FIXTURES / case["decoder"]), "--encoder", str(FIXTURES / case["encoder"]),
-        "--memory-attention", str(FIXTURES / case["memory_attention"]), "--tokenizer", str(FIXTURES / "tokenizer"),
-    ])
+    code = cli_main(
+        [
+            "convert",
+            str(dest),
+            "--decoder",
+            str(FIXTURES / case["decoder"]),
+            "--encoder",
+            str(FIXTURES / case["encoder"]),
+            "--memory-attention",
+            str(FIXTURES / case["memory_attention"]),
+            "--tokenizer",
+            str(FIXTURES / "tokenizer"),
+        ]
+    )
     assert code == 0 and "converted to" in capsys.readouterr().out
     data = expected("interlayer-linear-sigmoid-slot")
     assert_parity(run_model(RxTForCausalLM.from_pretrained(dest).eval(), data), data)
@@ -269,8 +300,11 @@ def test_not_a_reference_folder(tmp_path):
         convert_reference_checkpoint(None, tmp_path / "out", decoder=FIXTURES / "components" / "decoder")
     with pytest.raises(ReferenceConversionError, match="is not a reference encoder folder"):
         convert_reference_checkpoint(
-            None, tmp_path / "out", decoder=FIXTURES / "components" / "decoder",
-            encoder=FIXTURES / "components" / "decoder", memory_attention=FIXTURES / "components" / "decoder",
+            None,
+            tmp_path / "out",
+            decoder=FIXTURES / "components" / "decoder",
+            encoder=FIXTURES / "components" / "decoder",
+            memory_attention=FIXTURES / "components" / "decoder",
         )
     assert_nothing_written(tmp_path, tmp_path / "out")
 
@@ -285,7 +319,9 @@ def test_unknown_variant_and_unsupported_feature(tmp_path):
     config["memory_attention_variant"] = "interlayer"
     config["decoder_config"]["use_gated_attention"] = True
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ReferenceConversionError, match=r"config.json: decoder use_gated_attention=True is not supported"):
+    with pytest.raises(
+        ReferenceConversionError, match=r"config.json: decoder use_gated_attention=True is not supported"
+    ):
         convert_reference_checkpoint(folder, tmp_path / "out")
     with pytest.raises(ReferenceConversionError, match="rope_layout='gptj' is unknown"):
         convert_reference_checkpoint(FIXTURES / "alpha", tmp_path / "out", rope_layout="gptj")
@@ -316,7 +352,10 @@ def test_shape_mismatch(tmp_path):
 def test_unexpected_tensor(tmp_path):
     folder = copy_alpha(tmp_path)
     edit_weights(folder, lambda t: t.__setitem__("encoder.model.layers.1.adapter.weight", torch.zeros(2)))
-    with pytest.raises(ReferenceConversionError, match=r"unexpected tensor\(s\) in the encoder: 'encoder.model.layers.1.adapter.weight'"):
+    with pytest.raises(
+        ReferenceConversionError,
+        match=r"unexpected tensor\(s\) in the encoder: 'encoder.model.layers.1.adapter.weight'",
+    ):
         convert_reference_checkpoint(folder, tmp_path / "out")
     edit_weights(folder, lambda t: t.__setitem__("critic.value_head.weight", torch.zeros(2)))
     with pytest.raises(ReferenceConversionError, match=r"'critic.value_head.weight'.*not an RxTAlpha / RxTBeta"):
@@ -334,7 +373,9 @@ def test_tokenizer_problems(tmp_path):
     for i in range(40):
         vocab[f"extra{i}"] = len(vocab)
     (folder / "tokenizer.json").write_text(json.dumps(big))
-    with pytest.raises(ReferenceConversionError, match=r"the tokenizer has 104 tokens, more than the model's vocab_size=64"):
+    with pytest.raises(
+        ReferenceConversionError, match=r"the tokenizer has 104 tokens, more than the model's vocab_size=64"
+    ):
         convert_reference_checkpoint(folder, tmp_path / "out")
     assert_nothing_written(tmp_path, tmp_path / "out")
 
