@@ -383,6 +383,26 @@ def build_config(
         dec["cross_att_query_groups"] or dec["att_query_groups"],
         "cross_att_type",
     )
+    # RxNN built memory cross-attention with the self-attention groups even where cross_att_groups was set: when
+    # the stored projections have those shapes (and not the configured ones), that is what was built
+    key = decoder.tensors.get("layers.0.memory_cross_attention.k_proj.weight")
+    head_dim = dim // dec["att_heads"]
+    if key is not None and key.shape[0] != cross_heads[2] * head_dim and dec["cross_att_type"] in ("gqa", "sqa"):
+        fallback = _heads(
+            decoder,
+            dec["cross_att_type"],
+            dec["att_heads"],
+            dec["att_groups"],
+            dec["att_query_groups"],
+            "cross_att_type",
+        )
+        query = decoder.tensors.get("layers.0.memory_cross_attention.q_proj.weight")
+        if key.shape[0] == fallback[2] * head_dim and query is not None and query.shape[0] == fallback[1] * head_dim:
+            notes.append(
+                f"memory cross-attention was built with the self-attention groups ({fallback[1]} query / {fallback[2]} "
+                f"key-value heads), as RxNN did, not cross_att_groups={dec['cross_att_groups']}: converted as built"
+            )
+            cross_heads = fallback
     for key in ("att_type", f"{'self' if memory_class == 'self' else 'interlayer'}_att_type"):
         if mem[key] in ("gma", "dma"):
             raise _unsupported(memory, key, mem[key], "experimental attention types have no equivalent here")

@@ -401,3 +401,26 @@ def test_dest_is_never_half_written(tmp_path, monkeypatch):
     convert_reference_checkpoint(FIXTURES / "alpha", dest, overwrite=True)
     assert not (dest / "keep.txt").exists() and (dest / "model.safetensors").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_memory_cross_attention_built_with_self_attention_groups(tmp_path):
+    """RxNN built memory cross-attention with att_groups even where cross_att_groups was set: the stored shapes
+    decide, and the conversion says so."""
+    case = MANIFEST["interlayer-linear-sigmoid-slot"]
+    decoder = tmp_path / "decoder"
+    shutil.copytree(FIXTURES / case["decoder"], decoder)
+    config = json.loads((decoder / "config.json").read_text())
+    config["cross_att_groups"] = 1  # the fixture decoder was built with att_groups=2 everywhere
+    (decoder / "config.json").write_text(json.dumps(config))
+    folder = convert_reference_checkpoint(
+        None,
+        tmp_path / "converted",
+        decoder=decoder,
+        encoder=FIXTURES / case["encoder"],
+        memory_attention=FIXTURES / case["memory_attention"],
+        tokenizer=FIXTURES / "tokenizer",
+    )
+    notes = json.loads((folder / "rxt_conversion.json").read_text())["notes"]
+    assert any("built with the self-attention groups" in note for note in notes)
+    data = expected("interlayer-linear-sigmoid-slot")
+    assert_parity(run_model(RxTForCausalLM.from_pretrained(folder).eval(), data), data)
