@@ -38,6 +38,7 @@ setup(
         "tqdm",
         "pyyaml",
         "sacrebleu>=2.4",
+        "matplotlib>=3.7",  # the PNGs of rxt train / rxt eval
     ],
     extras_require={
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "redis>=5", "httpx>=0.27"],

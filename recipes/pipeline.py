@@ -7,7 +7,9 @@ tokenizer/                 the tokenizer (trained on the recipe's data unless th
 01-joint-lm-pretraining/   one saved model per stage (model + tokenizer + model card + checkpoints/)
 ...
 final/                     the last stage's model, its card carrying the evaluation table
+training_curves.png        every stage's loss (and reward) against the step, from the stages' log.jsonl
 evaluation.json / .md      `rxt eval` of the final model on the held-out test split
+evaluation.png             its recall by distance, with memory and without
 ```
 
 A stage starts from the previous stage's folder, so any stage can be (re)run alone once its
@@ -28,6 +30,7 @@ from modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_tok
 from trainers.data import ConversationCollator, InteractionCollator, TextCollator, load_rxt_dataset
 from trainers.evaluation import evaluate_memory, format_evaluation_table
 
+from .plots import plot_recall, plot_training_curves
 from .recipe import Recipe, StageSpec
 
 SYNTHETIC_KEYS = ("num_conversations", "num_turns", "max_recall_distance", "seed")
@@ -36,6 +39,17 @@ PREFERENCE_FILE = "preference_evaluation.json"  # written by an rxrlhf stage: pr
 
 def log(message: str) -> None:
     print(f"[rxt {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def draw(plot, *args) -> None:
+    """Save one of the run's PNGs (recipes/plots.py); a missing matplotlib costs the picture, not the run."""
+    try:
+        path = plot(*args)
+    except ImportError as error:
+        log(f"no PNG: {error}")
+        return
+    if path is not None:
+        log(f"wrote {path}")
 
 
 def is_synthetic(data: dict) -> bool:
@@ -275,6 +289,7 @@ def run_recipe(
         shutil.rmtree(final)
     shutil.copytree(last_folder, final, ignore=shutil.ignore_patterns("checkpoints", "checkpoint-*", "runs", "*.jsonl"))
     result = {"output_dir": str(output_dir), "final_model": str(final), "train_minutes": (time.time() - started) / 60}
+    draw(plot_training_curves, output_dir)
     if evaluate:
         evaluation = evaluate_recipe_model(recipe, final)
         result["evaluation"] = evaluation
@@ -333,6 +348,7 @@ def evaluate_model(
     output_json = Path(output_json) if output_json else folder.parent / "evaluation.json"
     output_json.write_text(json.dumps(result, indent=2, default=str))
     output_json.with_suffix(".md").write_text(table + "\n")
+    draw(plot_recall, result, output_json.with_suffix(".png"))
     history = load_training_history(folder)
     write_model_card(model, str(folder), history, result, data_description=describe_data(data, seed))
     return result

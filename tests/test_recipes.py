@@ -123,6 +123,11 @@ def test_tiny_recipe_end_to_end_restart_eval_and_chat(tmp_path, capsys, monkeypa
     assert main(["train", str(path), "--output", str(out)]) == 0
     for folder in ("tokenizer", "01-pretrain", "02-sft", "03-memory", "04-smat", "05-mrl", "final"):
         assert (out / folder).is_dir(), folder
+    # every stage logged its records (the TRL stage too), drawn into one picture; the evaluation has its own
+    for folder in ("01-pretrain", "02-sft", "03-memory", "04-smat", "05-mrl"):
+        assert (out / folder / "log.jsonl").is_file(), folder
+    for picture in ("training_curves.png", "evaluation.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     summary = json.loads((out / "run_summary.json").read_text())
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert summary["final_model"].endswith("final") and "recall_accuracy" in evaluation

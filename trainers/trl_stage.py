@@ -84,6 +84,9 @@ class RxTStageMixin:
             model.save_pretrained(output_dir)
             self.processing_class.save_pretrained(output_dir)
             Path(output_dir, HISTORY_FILE).write_text(json.dumps(history, indent=2, default=str), encoding="utf-8")
+            # the logged records, one JSON line each, as the Accelerate stages write them (`rxt train` plots them)
+            lines = [json.dumps(record, default=str) for record in self.state.log_history]
+            Path(output_dir, "log.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             write_model_card(model, output_dir, stage_history=history, evaluation=evaluation,
                              data_description=data_description or self.data_description())
         model.rxt_training_history = history  # a later stage in this process continues this history
