@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -296,6 +297,8 @@ def run_recipe(
     result["total_minutes"] = (time.time() - started) / 60
     (output_dir / "run_summary.json").write_text(json.dumps(result, indent=2, default=str))
     log(f"done in {result['total_minutes']:.1f} minutes; final model in {final}")
+    rxt = Path(sys.argv[0]) if Path(sys.argv[0]).name == "rxt" else "rxt"
+    log(f"chat with it: {rxt} chat {final}" + (f"    evaluation: {output_dir / 'evaluation.md'}" if evaluate else ""))
     return result
 
 
