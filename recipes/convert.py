@@ -670,20 +670,17 @@ class Mapper:
 
     # --- components --------------------------------------------------------------------------------------
 
+    def self_attention_sublayer(self, comp: Component, src: str, dst: str, what: str) -> None:
+        """A decoder or encoder layer's first norm and its self-attention (RoPE on queries and keys)."""
+        self.norm(comp, f"{src}.norm1", f"{dst}.self_attn_norm", self.config.norm_type, f"{what} self-attention norm")
+        self.attention(comp, f"{src}.attention", f"{dst}.self_attn", "self_attention", "query_key", f"{what} self-attention")
+
     def decoder(self, comp: Component) -> None:
         config, c = self.config, comp.config
         kind = config.norm_type
         for i in range(config.num_hidden_layers):
             src, dst = f"layers.{i}", f"model.decoder.layers.{i}"
-            self.norm(comp, f"{src}.norm1", f"{dst}.self_attn_norm", kind, f"decoder layer {i} self-attention norm")
-            self.attention(
-                comp,
-                f"{src}.attention",
-                f"{dst}.self_attn",
-                "self_attention",
-                "query_key",
-                f"decoder layer {i} self-attention",
-            )
+            self.self_attention_sublayer(comp, src, dst, f"decoder layer {i}")
             self.norm(
                 comp, f"{src}.norm2", f"{dst}.cross_attn_norm", kind, f"decoder layer {i} memory cross-attention norm"
             )
@@ -782,15 +779,7 @@ class Mapper:
         kind = config.norm_type
         for i in range(config.num_hidden_layers):
             src, dst = f"layers.{i}", f"model.encoder.layers.{i}"
-            self.norm(comp, f"{src}.norm1", f"{dst}.self_attn_norm", kind, f"encoder layer {i} self-attention norm")
-            self.attention(
-                comp,
-                f"{src}.attention",
-                f"{dst}.self_attn",
-                "self_attention",
-                "query_key",
-                f"encoder layer {i} self-attention",
-            )
+            self.self_attention_sublayer(comp, src, dst, f"encoder layer {i}")
             self.norm(comp, f"{src}.norm3", f"{dst}.ff_norm", kind, f"encoder layer {i} feed-forward norm")
             self.gated_feed_forward(
                 comp, f"{src}.ff", f"{dst}.feed_forward", comp.config["ff_dim"], True, f"encoder layer {i} feed-forward"
