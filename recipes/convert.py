@@ -673,7 +673,9 @@ class Mapper:
     def self_attention_sublayer(self, comp: Component, src: str, dst: str, what: str) -> None:
         """A decoder or encoder layer's first norm and its self-attention (RoPE on queries and keys)."""
         self.norm(comp, f"{src}.norm1", f"{dst}.self_attn_norm", self.config.norm_type, f"{what} self-attention norm")
-        self.attention(comp, f"{src}.attention", f"{dst}.self_attn", "self_attention", "query_key", f"{what} self-attention")
+        self.attention(
+            comp, f"{src}.attention", f"{dst}.self_attn", "self_attention", "query_key", f"{what} self-attention"
+        )
 
     def decoder(self, comp: Component) -> None:
         config, c = self.config, comp.config
