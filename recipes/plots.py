@@ -35,7 +35,9 @@ def plot_recall(evaluation: dict, path: str | Path) -> Path:
     positions = range(len(distances))
     figure, axes = plt.subplots(figsize=(6, 3.5))
     width = 0.38
-    bars = axes.bar([p - width / 2 for p in positions], [100 * with_memory[d] for d in distances], width, label="with memory")
+    bars = axes.bar(
+        [p - width / 2 for p in positions], [100 * with_memory[d] for d in distances], width, label="with memory"
+    )
     axes.bar([p + width / 2 for p in positions], [100 * without.get(d, 0.0) for d in distances], width,
              label="no memory (control)", color="#bbbbbb")
     for bar, distance in zip(bars, distances):
@@ -76,7 +78,9 @@ def plot_training_curves(output_dir: str | Path, path: str | Path | None = None)
     stages = []
     for folder in sorted(p for p in output_dir.iterdir() if p.is_dir() and (p / "log.jsonl").is_file()):
         records = read_log(folder / "log.jsonl")
-        curves = {key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))] for key in CURVE_KEYS}
+        curves = {
+            key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))] for key in CURVE_KEYS
+        }
         curves = {key: points for key, points in curves.items() if points}
         if curves:
             stages.append((folder.name, curves))
