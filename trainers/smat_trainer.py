@@ -14,7 +14,7 @@ Two schedules make that work on a small budget:
 * **turn-length curriculum** (``turn_curriculum``): short conversations first (two turns: every example is
   a one-step recall), longer ones later (DESIGN section 7 found it decisive in an earlier plain-PyTorch
   model). The default recipe uses it with every component trainable from step 0; its measured recall by
-  distance is in the README.
+  distance is in docs/experiments.md.
 """
 
 from __future__ import annotations
