@@ -16,10 +16,9 @@ What this module gives you:
   and wraps it as a ``transformers.PreTrainedTokenizerFast`` carrying a chat template that renders
   exactly one interaction, so ``tokenizer.apply_chat_template`` and other standard Hugging Face
   tooling work.
-- :func:`special_token_ids` returns the special token ids under the field names of ``RxTConfig``
-  (``config.update(special_token_ids(tokenizer))``).
-- :func:`encode_interaction` builds the ids of one interaction directly (same ids as the chat
-  template), with checks on the query and the length.
+- The template itself, the special tokens, :func:`special_token_ids` (their ids under the field
+  names of ``RxTConfig``), :func:`encode_interaction` / :func:`decode_interaction` and the other
+  format helpers live in ``format_rxt.py``; they are re-exported here for existing imports.
 
 Format decisions:
 
@@ -41,7 +40,7 @@ Format decisions:
   always agree. :func:`decode_interaction` splits ids back into query / thinking / answer text.
 
 This file lives in the remote-code folder, so it imports only the standard library,
-``tokenizers`` and ``transformers``.
+``tokenizers``, ``transformers`` and its siblings.
 """
 
 from __future__ import annotations
@@ -50,6 +49,22 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from .format_rxt import (
+    ANSWER_TOKEN,
+    BOS_TOKEN,
+    EOS_TOKEN,
+    MASK_TOKEN,
+    PAD_TOKEN,
+    QUERY_TOKEN,
+    RXT_CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    THINK_TOKEN,
+    UNK_TOKEN,
+    decode_interaction,
+    encode_interaction,
+    special_token_ids,
+)
 
 __all__ = [
     "BOS_TOKEN",
@@ -67,98 +82,6 @@ __all__ = [
     "encode_interaction",
     "decode_interaction",
 ]
-
-BOS_TOKEN = "[BOS]"
-EOS_TOKEN = "[EOS]"
-PAD_TOKEN = "[PAD]"
-UNK_TOKEN = "[UNK]"
-MASK_TOKEN = "[MASK]"
-QUERY_TOKEN = "[Q]"
-ANSWER_TOKEN = "[A]"
-THINK_TOKEN = "[T]"
-
-# Order matters: these get ids 0..7.
-SPECIAL_TOKENS: tuple[str, ...] = (
-    BOS_TOKEN,
-    EOS_TOKEN,
-    PAD_TOKEN,
-    UNK_TOKEN,
-    MASK_TOKEN,
-    QUERY_TOKEN,
-    ANSWER_TOKEN,
-    THINK_TOKEN,
-)
-
-# RxTConfig field name -> special token.
-_CONFIG_FIELDS: dict[str, str] = {
-    "bos_token_id": BOS_TOKEN,
-    "eos_token_id": EOS_TOKEN,
-    "pad_token_id": PAD_TOKEN,
-    "unk_token_id": UNK_TOKEN,
-    "mask_token_id": MASK_TOKEN,
-    "query_token_id": QUERY_TOKEN,
-    "answer_token_id": ANSWER_TOKEN,
-    "think_token_id": THINK_TOKEN,
-}
-
-# The chat template renders ONE interaction:
-#   [user]                    -> [BOS][Q]q[A]
-#   [user, assistant]         -> [BOS][Q]q[A]a[EOS]
-#   assistant with reasoning  -> [BOS][Q]q[T]thinking[A]a[EOS]
-# ("reasoning_content" or "thinking" key on the assistant message).
-# A lone user message always ends with [A] (whatever add_generation_prompt is), unless the caller
-# passes enable_thinking=True, in which case it ends with [T] so the model writes its reasoning
-# first. System messages and more than one user message are errors: RxT keeps earlier turns and
-# any "system prompt" in its Short-Term Memory, not in the prompt.
-RXT_CHAT_TEMPLATE = (
-    "{%- macro rxt_text(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- elif content is none -%}"
-    "{%- else -%}{%- for part in content -%}"
-    "{%- if part is string -%}{{ part }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- else -%}{{ raise_exception('RxT chat template: only text content is supported, got a content part of type ' ~ part['type'] ~ '.') }}"
-    "{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{{ raise_exception('RxT has no system messages: it renders one interaction at a time. Put a system prompt into memory instead (an initial memory state, or a system-prompt interaction passed through the memory update), then send only the user message.') }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if messages | length == 0 -%}"
-    "{{ raise_exception('RxT chat template: messages is empty; pass [{\"role\": \"user\", \"content\": query}] (optionally followed by one assistant message).') }}"
-    "{%- endif -%}"
-    "{%- if messages | selectattr('role', 'equalto', 'user') | list | length > 1 -%}"
-    "{{ raise_exception('RxT renders one interaction (one user message, optionally one assistant answer); got more than one user message. Earlier turns live in the Short-Term Memory: update the memory with each past interaction and render only the current one.') }}"
-    "{%- endif -%}"
-    "{%- if messages | length > 2 -%}"
-    "{{ raise_exception('RxT renders one interaction: at most one user message followed by one assistant message; got ' ~ (messages | length) ~ ' messages.') }}"
-    "{%- endif -%}"
-    "{%- if messages[0]['role'] != 'user' -%}"
-    "{{ raise_exception('RxT chat template: the first message must have role \"user\", got \"' ~ messages[0]['role'] ~ '\".') }}"
-    "{%- endif -%}"
-    "{%- if messages | length == 2 and messages[1]['role'] != 'assistant' -%}"
-    "{{ raise_exception('RxT chat template: the second message must have role \"assistant\", got \"' ~ messages[1]['role'] ~ '\".') }}"
-    "{%- endif -%}"
-    "{{ bos_token }}[Q]{{ rxt_text(messages[0]['content']) }}"
-    "{%- if messages | length == 2 -%}"
-    "{%- set answer = messages[1] -%}"
-    "{%- if answer['reasoning_content'] is defined and answer['reasoning_content'] -%}"
-    "{%- set thinking = answer['reasoning_content'] -%}"
-    "{%- elif answer['thinking'] is defined and answer['thinking'] -%}"
-    "{%- set thinking = answer['thinking'] -%}"
-    "{%- else -%}"
-    "{%- set thinking = '' -%}"
-    "{%- endif -%}"
-    "{%- if thinking -%}[T]{{ thinking }}{%- endif -%}"
-    "[A]{{ rxt_text(answer['content']) }}{{ eos_token }}"
-    "{%- elif enable_thinking is defined and enable_thinking -%}"
-    "[T]"
-    "{%- else -%}"
-    "[A]"
-    "{%- endif -%}"
-)
 
 
 def build_tokenizer(
@@ -242,142 +165,3 @@ def build_tokenizer(
     )
     tokenizer.chat_template = RXT_CHAT_TEMPLATE
     return tokenizer
-
-
-def special_token_ids(tokenizer) -> dict[str, int]:
-    """Special token ids under the ``RxTConfig`` field names.
-
-    Keys: ``bos_token_id, eos_token_id, pad_token_id, unk_token_id, mask_token_id,
-    query_token_id, answer_token_id, think_token_id``. Use ``config.update(special_token_ids(tok))``.
-
-    Raises:
-        ValueError: if the tokenizer lacks one of the RxT special tokens.
-    """
-    vocab = tokenizer.get_vocab()
-    out: dict[str, int] = {}
-    missing = []
-    for field, token in _CONFIG_FIELDS.items():
-        if token in vocab:
-            out[field] = int(vocab[token])
-        else:
-            missing.append(token)
-    if missing:
-        raise ValueError(
-            f"tokenizer is missing the RxT special token(s) {missing}; build it with "
-            "modeling_rxt.tokenization_rxt.build_tokenizer or add them with "
-            "tokenizer.add_special_tokens(...)."
-        )
-    return out
-
-
-def _encode_text(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def encode_interaction(
-    tokenizer,
-    query: str,
-    answer: str | None = None,
-    thinking: str | None = None,
-    max_length: int | None = None,
-) -> list[int]:
-    """Token ids of one interaction, identical to the chat template's ids.
-
-    - ``answer is None``: ``[BOS][Q] query [A]`` (the prompt the decoder answers);
-      with ``thinking``: ``[BOS][Q] query [T] thinking [A]`` (reasoning given, answer to generate).
-    - ``answer`` given: ``[BOS][Q] query [A] answer [EOS]``;
-      with ``thinking``: ``[BOS][Q] query [T] thinking [A] answer [EOS]``.
-
-    Args:
-        tokenizer: an RxT tokenizer (see :func:`build_tokenizer`).
-        query: the user's query; must not be empty.
-        answer: the answer, or ``None`` for a generation prompt.
-        thinking: optional reasoning text placed between ``[T]`` and ``[A]``.
-        max_length: optional limit on the total number of ids.
-
-    Raises:
-        ValueError: empty ``query``, or the result is longer than ``max_length``.
-        TypeError: an argument has the wrong type.
-    """
-    if not isinstance(query, str):
-        raise TypeError(f"query must be a str, got {type(query).__name__}.")
-    if not query.strip():
-        raise ValueError(
-            f"query={query!r} is empty: an RxT interaction needs a non-empty query. "
-            "Pass the user's text as query."
-        )
-    if answer is not None and not isinstance(answer, str):
-        raise TypeError(f"answer must be a str or None, got {type(answer).__name__}.")
-    if thinking is not None and not isinstance(thinking, str):
-        raise TypeError(f"thinking must be a str or None, got {type(thinking).__name__}.")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise ValueError(f"max_length={max_length!r} must be a positive integer or None.")
-
-    ids = special_token_ids(tokenizer)
-    out = [ids["bos_token_id"], ids["query_token_id"]]
-    out += _encode_text(tokenizer, query)
-    if thinking:
-        out.append(ids["think_token_id"])
-        out += _encode_text(tokenizer, thinking)
-    out.append(ids["answer_token_id"])
-    if answer is not None:
-        out += _encode_text(tokenizer, answer)
-        out.append(ids["eos_token_id"])
-
-    if max_length is not None and len(out) > max_length:
-        q_len = len(_encode_text(tokenizer, query))
-        raise ValueError(
-            f"The interaction is {len(out)} tokens long (query: {q_len} tokens), more than "
-            f"max_length={max_length}. Shorten the query (or answer/thinking) or raise max_length."
-        )
-    return out
-
-
-def decode_interaction(tokenizer, ids) -> dict[str, str | None]:
-    """Split the ids of one interaction back into its texts.
-
-    Inverse of :func:`encode_interaction` / the chat template: returns
-    ``{"query": str, "thinking": str | None, "answer": str | None}``. ``answer`` is ``None`` when
-    there is no ``[A]`` (or nothing after it); a missing final ``[EOS]`` is fine (a truncated or
-    still-generating answer). Padding and other special tokens are dropped. Accepts a list of ints
-    or a 1-D tensor / array.
-
-    Raises:
-        ValueError: ``ids`` does not contain the ``[Q]`` token.
-    """
-    if hasattr(ids, "tolist"):
-        ids = ids.tolist()
-    ids = [int(i) for i in ids]
-    sid = special_token_ids(tokenizer)
-    q, a, t, e = sid["query_token_id"], sid["answer_token_id"], sid["think_token_id"], sid["eos_token_id"]
-    if q not in ids:
-        raise ValueError(
-            "ids does not contain the [Q] token; pass the ids of a whole interaction "
-            "([BOS][Q]query[A]answer[EOS]), or decode plain text with tokenizer.decode."
-        )
-    parts: dict[str, list[int]] = {"query": [], "thinking": [], "answer": []}
-    seen = {"query": False, "thinking": False, "answer": False}
-    current = None
-    for i in ids[ids.index(q):]:
-        if i == q:
-            current = "query"
-        elif i == t:
-            current = "thinking"
-        elif i == a:
-            current = "answer"
-        elif i == e:
-            break
-        else:
-            if current is not None:
-                parts[current].append(i)
-            continue
-        seen[current] = True
-
-    def _dec(key):
-        return tokenizer.decode(parts[key], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    return {
-        "query": _dec("query"),
-        "thinking": _dec("thinking") if seen["thinking"] else None,
-        "answer": _dec("answer") if seen["answer"] and parts["answer"] else None,
-    }
