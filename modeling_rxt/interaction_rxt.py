@@ -5,8 +5,8 @@ conversation's STM; then the encoder and memory attention write `query + answer`
 user has the answer before the second phase starts, so a chat session runs the memory update in the
 background and makes the next message of the same conversation wait for it.
 
-This file is part of the remote-code folder: it imports only torch, transformers and the standard
-library, and never the project itself.
+This file is part of the remote-code folder: it imports only torch, transformers, the standard library
+and its sibling `format_rxt.py` (the token, padding and STM-file formats), never the project itself.
 """
 
 import json
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .format_rxt import IncrementalDetokenizer, pad_rows, render_interaction
+
 MEMORY_FORMAT_VERSION = "1"
 
 
@@ -25,7 +27,9 @@ MEMORY_FORMAT_VERSION = "1"
 class InteractionEvent:
     """One event of [`RxTForCausalLM.interact`]:
 
-    - `"token"`: one generated step, `token_ids` `[batch]` (finished rows repeat the pad id), `text` for batch 1;
+    - `"token"`: one generated step, `token_ids` `[batch]` (finished rows repeat the pad id); for batch 1, `text` is
+      the text this token completes ("" while a character spanning several tokens is incomplete, see
+      `IncrementalDetokenizer`), so the texts of the token events join to the answer;
     - `"answer"`: generation done, `answer_ids` (one list per row, ending with `[EOS]`) and `text` (list);
     - `"memory_update_start"` / `"memory_update_end"`: the latter carries the new `stm_state`.
     """
@@ -78,10 +82,7 @@ def render_queries(model, queries, tokenizer=None, attention_mask=None):
         for idx, text in enumerate(queries):
             if not text.strip():
                 raise ValueError(f"query[{idx}] is empty: send a non-empty message.")
-            encoded = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True
-            )
-            rows.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
+            rows.append(render_interaction(tokenizer, text))
     elif isinstance(queries, Sequence) and queries and all(isinstance(q, Sequence) for q in queries):
         rows = [list(map(int, q)) for q in queries]
     else:
@@ -98,28 +99,7 @@ def render_queries(model, queries, tokenizer=None, attention_mask=None):
                 f"query[{idx}] has {len(row)} tokens, more than max_position_embeddings="
                 f"{config.max_position_embeddings} (one whole interaction): shorten the query."
             )
-    return left_pad(rows, config.pad_token_id, model.device)
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(row) for row in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, length - len(row) :] = torch.tensor(row, device=device)
-            mask[i, length - len(row) :] = 1
-    return ids, mask
-
-
-def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(row) for row in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, device=device)
-        mask[i, : len(row)] = 1
-    return ids, mask
+    return pad_rows(rows, config.pad_token_id, side="left", device=model.device)
 
 
 def split_answers(generated: torch.Tensor, eos_token_id: int) -> list[list[int]]:
@@ -170,11 +150,12 @@ def stream_interaction(model, query, stm_state=None, tokenizer=None, attention_m
 
     worker = threading.Thread(target=run_generation, daemon=True)
     worker.start()
+    detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and batch == 1 else None
     while True:
         kind, value = streamer.queue.get()
         if kind == "end":
             break
-        text = tokenizer.decode(value, skip_special_tokens=True) if tokenizer is not None and batch == 1 else None
+        text = detokenizer.add(int(value[0])) if detokenizer is not None else None  # [EOS] and [PAD] give ""
         yield InteractionEvent("token", token_ids=value, text=text)
     worker.join()
     if "error" in result:
@@ -186,7 +167,7 @@ def stream_interaction(model, query, stm_state=None, tokenizer=None, attention_m
 
     yield InteractionEvent("memory_update_start")
     rows = interaction_rows(query_ids, query_mask, answers, config.max_position_embeddings)
-    interaction_ids, interaction_mask = right_pad(rows, config.pad_token_id, query_ids.device)
+    interaction_ids, interaction_mask = pad_rows(rows, config.pad_token_id, device=query_ids.device)
     with torch.no_grad():
         new_stm = model.update_memory(stm_state, interaction_ids, interaction_mask)
     yield InteractionEvent("memory_update_end", stm_state=new_stm)
@@ -198,9 +179,7 @@ def memory_from_prompt(model, query, answer="", tokenizer=None, stm_state=None) 
         raise ValueError("memory_from_prompt needs tokenizer=... to render the prompt interaction.")
     if not isinstance(query, str) or not query.strip():
         raise ValueError(f"memory_from_prompt(query={query!r}): the prompt text must be a non-empty string.")
-    messages = [{"role": "user", "content": query}, {"role": "assistant", "content": answer or ""}]
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True)
-    ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    ids = render_interaction(tokenizer, query, answer or "")
     if len(ids) > model.config.max_position_embeddings:
         raise ValueError(
             f"The prompt interaction has {len(ids)} tokens, more than max_position_embeddings="
@@ -332,14 +311,10 @@ class RxTChat:
             events = self.model.interact(
                 text, stm_state=self._stm, tokenizer=self.tokenizer, **{**self.generate_kwargs, **generate_kwargs}
             )
-            answer_ids: list[int] = []
             for event in events:
                 if event.kind == "token":
-                    token = int(event.token_ids[0])
-                    if token == self.model.config.eos_token_id:
-                        continue
-                    answer_ids.append(token)
-                    yield self.tokenizer.decode([token], skip_special_tokens=True)
+                    if event.text:  # pieces of whole characters (see IncrementalDetokenizer)
+                        yield event.text
                 elif event.kind == "answer":
                     self.last_answer = event.text[0]
                     self._emit("answer_ready")

@@ -38,7 +38,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from modeling_rxt.interaction_rxt import interaction_rows, left_pad, right_pad, split_answers
+from modeling_rxt.format_rxt import IncrementalDetokenizer, pad_rows, render_interaction
+from modeling_rxt.interaction_rxt import interaction_rows, split_answers
 from serving.store import ConversationNotFound, IncompatibleMemory, VersionConflict
 
 logger = logging.getLogger(__name__)
@@ -263,24 +264,6 @@ def answer_ids(generated: list[int], budget: int, eos_token_id: int) -> list[int
     return split_answers(torch.tensor([generated[:budget]], dtype=torch.long), eos_token_id)[0]
 
 
-class IncrementalText:
-    """Detokenises one answer token by token: each `add(token)` returns the new text, holding back an
-    incomplete UTF-8 sequence (byte-level BPE) until the bytes that complete it arrive."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""
-        delta, self.text = text[len(self.text) :], text
-        return delta
-
-
 class BatchStreamer(BaseStreamer):
     """Fans the rows of a batched `generate()` out to their turns: `token` events, then `answer` as soon as
     a row is finished (its `[EOS]` or its budget), even while other rows still generate."""
@@ -289,7 +272,7 @@ class BatchStreamer(BaseStreamer):
         self.turns = turns
         self.budgets = budgets
         self.eos_token_id = eos_token_id
-        self.texts = [IncrementalText(tokenizer) for _ in turns]
+        self.texts = [IncrementalDetokenizer(tokenizer) for _ in turns]
         self.generated: list[list[int]] = [[] for _ in turns]
         self.done = [False] * len(turns)
         self.prompt_seen = False
@@ -436,10 +419,7 @@ class BatchingEngine:
         """
         if not isinstance(text, str) or not text.strip():
             raise TurnFailed(422, "empty_message", "The message is empty: send some text.")
-        encoded = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True
-        )
-        ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        ids = render_interaction(self.tokenizer, text)
         if max_tokens is not None and max_tokens < self.max_query_tokens:
             limit, reason = max_tokens, f"max_query_tokens={max_tokens}"
         else:
@@ -613,7 +593,7 @@ class BatchingEngine:
             self.stats.queue_wait_seconds_total += sum(now - turn.submitted_at for turn in turns)
         for turn in turns:
             turn.emit("start", batch_size=len(turns))
-        query_ids, query_mask = left_pad([t.query_ids for t in turns], config.pad_token_id, device)
+        query_ids, query_mask = pad_rows([t.query_ids for t in turns], config.pad_token_id, side="left", device=device)
         stm_state = torch.cat([m.stm_state for m in stored]).to(device=device, dtype=self._dtype)
         budgets = [t.max_new_tokens for t in turns]
         streamer = BatchStreamer(turns, budgets, self.tokenizer, config.eos_token_id)
@@ -671,7 +651,7 @@ class BatchingEngine:
             turn.emit("memory_update_started")
         start = time.perf_counter()
         rows = interaction_rows(job.query_ids, job.query_mask, job.answers, config.max_position_embeddings)
-        interaction_ids, interaction_mask = right_pad(rows, config.pad_token_id, job.query_ids.device)
+        interaction_ids, interaction_mask = pad_rows(rows, config.pad_token_id, device=job.query_ids.device)
         with torch.no_grad():
             new_stm = self.model.update_memory(job.stm_state, interaction_ids, interaction_mask)
         new_stm = new_stm.detach().to("cpu")

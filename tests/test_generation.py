@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from modeling_rxt import RxTChat, RxTConfig, RxTForCausalLM
+from modeling_rxt.format_rxt import pad_rows
 from transformers import (
     AutoTokenizer,
+    LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -140,9 +142,7 @@ def test_usual_generation_arguments_work_with_memory(tiny_tokenizer):
 
 
 def padded_batch(model, rows):
-    from modeling_rxt.interaction_rxt import left_pad
-
-    return left_pad(rows, model.config.pad_token_id, model.device)
+    return pad_rows(rows, model.config.pad_token_id, side="left", device=model.device)
 
 
 def test_batched_generation_and_memory_update_equal_each_conversation_alone():
@@ -167,9 +167,7 @@ def test_batched_generation_and_memory_update_equal_each_conversation_alone():
 def test_update_memory_batch_with_padding_equals_single():
     model = make_model()
     rows = [query_ids(model, 4, seed=5) + [30, 31, 1], query_ids(model, 12, seed=6) + [40, 1]]
-    from modeling_rxt.interaction_rxt import right_pad
-
-    ids, mask = right_pad(rows, model.config.pad_token_id, "cpu")
+    ids, mask = pad_rows(rows, model.config.pad_token_id)
     stm = torch.cat([random_memory(model, seed=7), random_memory(model, seed=8)])
     batched = model.update_memory(stm, ids, mask)
     for i, row in enumerate(rows):
@@ -229,6 +227,32 @@ def test_chat_answers_before_its_memory_update_and_matches_synchronous_updates(t
     assert log.count("answer_ready") == 3
     first = log.index("answer_ready")
     assert log.index("memory_update_started") > first and log.index("memory_updated") > first
+
+
+class ForcedAnswer(LogitsProcessor):
+    """Makes generate() write `token_ids`, one per step, whatever the model would say."""
+
+    def __init__(self, token_ids):
+        self.token_ids, self.step = token_ids, 0
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.token_ids[min(self.step, len(self.token_ids) - 1)]] = 0.0
+        self.step += 1
+        return forced
+
+
+def test_chat_streams_non_ascii_text_as_whole_characters(tiny_tokenizer):
+    text = "café 日本 ok"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert sum(tiny_tokenizer.decode([i]) == "\ufffd" for i in ids) >= 4  # é, 日, 本 span several byte tokens
+    model = make_model()
+    chat = RxTChat(model, tiny_tokenizer, max_new_tokens=len(ids) + 1)
+    pieces = list(chat.stream("Ann has a kite.", logits_processor=LogitsProcessorList([ForcedAnswer(ids + [1])])))
+    assert "".join(pieces) == text == chat.last_answer
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert {"é", "日", "本"} <= set(pieces)  # each character as soon as its last byte is generated
+    chat.wait()
 
 
 def test_next_message_waits_for_the_pending_update(tiny_tokenizer):

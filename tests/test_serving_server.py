@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
-from serving.engine import BatchingEngine, BlockingEvents, EngineConfig, Turn
+from serving.engine import BatchingEngine, BatchStreamer, BlockingEvents, EngineConfig, Turn
 from serving.security import hash_api_key, read_api_keys
 from serving.server import BackgroundServer, ServeConfig, aiter_sse, create_app, parse_config
 from serving.store import model_fingerprint, open_store
@@ -224,6 +224,28 @@ def test_engine_orders_turns_of_a_conversation_and_skips_cancelled_ones(model, t
     finally:
         gate.set()
         engine.stop()
+
+
+def test_engine_streams_non_ascii_text_as_whole_characters(tiny_tokenizer):
+    """Each row of a batch streams the text its tokens complete: "é", "日", "本" span several byte-level tokens."""
+    texts = ["café 日本 ok", "Ann lives in Oslo."]
+    ids = [tiny_tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    budgets = [len(row) + 1 for row in ids]
+    turns = [Turn(f"c{i}", [0, 5, 6], BlockingEvents(), max_new_tokens=budget) for i, budget in enumerate(budgets)]
+    streamer = BatchStreamer(turns, budgets, tiny_tokenizer, eos_token_id=1)
+    streamer.put(torch.zeros(2, 3, dtype=torch.long))  # generate() sends the prompt first
+    for step in range(max(budgets)):
+        streamer.put(torch.tensor([(row + [1] * max(budgets))[step] for row in ids]))  # the answer, then [EOS]
+    streamer.end()
+    pieces = []
+    for turn, text in zip(turns, texts):
+        events = [turn.sink.get(1)]
+        while events[-1].kind != "answer":
+            events.append(turn.sink.get(1))
+        pieces.append([event.data["text"] for event in events if event.kind == "token"])
+        assert "".join(pieces[-1]) == text == events[-1].data["text"]
+        assert not any("\ufffd" in piece for piece in pieces[-1])
+    assert {"é", "日", "本"} <= set(pieces[0])  # each character as soon as its last byte is generated
 
 
 # ------------------------------------------------------------------------------------------------------
