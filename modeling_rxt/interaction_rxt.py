@@ -9,18 +9,16 @@ This file is part of the remote-code folder: it imports only torch, transformers
 and its sibling `format_rxt.py` (the token, padding and STM-file formats), never the project itself.
 """
 
-import json
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .format_rxt import IncrementalDetokenizer, pad_rows, render_interaction
-
-MEMORY_FORMAT_VERSION = "1"
+from .format_rxt import IncrementalDetokenizer, pad_rows, render_interaction, stm_from_bytes, stm_to_bytes
 
 
 @dataclass
@@ -194,41 +192,29 @@ def memory_from_prompt(model, query, answer="", tokenizer=None, stm_state=None) 
 # memory files
 
 
-def memory_fingerprint(config) -> dict[str, str]:
-    """What an STM depends on: the model's memory geometry (a state from another geometry is refused)."""
-    layers, slots, dim = config.stm_shape
-    return {
-        "format": "rxt-stm",
-        "version": MEMORY_FORMAT_VERSION,
-        "layers": str(layers),
-        "slots": str(slots),
-        "dim": str(dim),
-        "model_type": config.model_type,
-    }
-
-
-def save_memory(stm_state: torch.Tensor, path, config) -> None:
-    """Write an STM `[batch, layers, slots, dim]` to a safetensors file with its geometry as metadata."""
-    from safetensors.torch import save_file
-
-    save_file({"stm_state": stm_state.detach().contiguous().cpu()}, str(path), metadata=memory_fingerprint(config))
+def save_memory(stm_state: torch.Tensor, path, config=None) -> None:
+    """Write an STM `[batch, layers, slots, dim]` to a safetensors file (the one STM format, see
+    `format_rxt.stm_to_bytes`: the serving store and the server's `/memory` download use it too). `config` is
+    accepted for compatibility; the geometry is the tensor's own."""
+    Path(path).write_bytes(stm_to_bytes(stm_state))
 
 
 def load_memory(path, model) -> torch.Tensor:
-    """Read an STM written by `save_memory`, checked against `model`'s memory geometry and moved to its device."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if "stm_state" not in handle.keys():
-            raise ValueError(f"{path} holds no 'stm_state' tensor: it is not an RxT memory file.")
-        state = handle.get_tensor("stm_state")
-    expected = memory_fingerprint(model.config)
-    found = {key: metadata.get(key) for key in expected}
-    if found != expected:
+    """Read an STM file (from `save_memory`, `RxTChat.save`, the server's `/memory` download, or an earlier release's
+    `save_memory`), checked against `model`'s memory geometry and moved to its device and dtype."""
+    try:
+        state, _ = stm_from_bytes(Path(path).read_bytes())
+    except ValueError as error:
         raise ValueError(
-            f"The memory file {path} was written for {json.dumps(found)}, this model needs {json.dumps(expected)}: "
-            "use a memory state saved from a model with the same STM geometry."
+            f"The memory file {path} is not an RxT memory state: {error}. Fix: pass a file written by "
+            "model.save_memory / RxTChat.save or downloaded from the server's /v1/conversations/<id>/memory."
+        ) from None
+    if tuple(state.shape[1:]) != tuple(model.config.stm_shape):
+        (layers, slots, dim), (want_layers, want_slots, want_dim) = state.shape[1:], model.config.stm_shape
+        raise ValueError(
+            f"The memory file {path} holds an STM of {layers} layers x {slots} slots x {dim} dims, this model needs "
+            f"{want_layers} layers x {want_slots} slots x {want_dim} dims: use a memory state saved from a model with "
+            "the same STM geometry."
         )
     dtype = model.model.embed_tokens.weight.dtype
     return state.to(device=model.device, dtype=dtype)

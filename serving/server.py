@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from modeling_rxt.format_rxt import stm_to_bytes
 from serving.engine import AsyncEvents, BatchingEngine, EngineConfig, Sampling, Turn, TurnFailed
 from serving.security import (
     ApiError,
@@ -723,13 +724,10 @@ def create_app(config: ServeConfig, model=None, tokenizer=None, store: STMStore 
 
     @app.get("/v1/conversations/{conversation_id}/memory")
     async def get_memory(conversation_id: str, request: Request):
-        from safetensors.torch import save as safetensors_bytes
-
-        from modeling_rxt.interaction_rxt import memory_fingerprint
-
         memory = await server.load(conversation_id, server.owner(request))
-        metadata = {**memory_fingerprint(model.config), "conversation_version": str(memory.version)}
-        blob = safetensors_bytes({"stm_state": memory.stm_state.contiguous()}, metadata=metadata)
+        blob = stm_to_bytes(
+            memory.stm_state, model_fingerprint=store.fingerprint, conversation_version=str(memory.version)
+        )
         return Response(
             blob,
             media_type="application/octet-stream",

@@ -1,11 +1,12 @@
 """Where a serving process keeps each conversation's Short-Term Memory (STM) between requests.
 
-One row per conversation: the STM `[1, layers, slots, dim]` as safetensors bytes, a version number,
-an opaque owner id, timestamps and a few metadata strings. Every write of an existing conversation
-is a compare-and-set on the version (`replace(..., expected_version=...)`), so two requests of the
-same conversation never silently overwrite each other. A stored state carries the fingerprint,
-dtype and shape of the model that wrote it and is refused (`IncompatibleMemory`) by a store built
-for another model.
+One row per conversation: the STM `[1, layers, slots, dim]` as safetensors bytes (the one STM file format of
+`modeling_rxt.format_rxt`, what `save_memory` writes; rows of the store's former `rxt-stm-store/1` format are
+still read), a version number, an opaque owner id, timestamps and a few metadata strings. Every write of an
+existing conversation is a compare-and-set on the version (`replace(..., expected_version=...)`), so two
+requests of the same conversation never silently overwrite each other. A stored state carries the fingerprint,
+dtype and shape of the model that wrote it and is refused (`IncompatibleMemory`) by a store built for another
+model.
 
 Backends (all with the same semantics, pick one with `open_store(url, ...)`):
 
@@ -30,7 +31,6 @@ import hashlib
 import json
 import math
 import sqlite3
-import struct
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -42,8 +42,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+
+from modeling_rxt.format_rxt import stm_from_bytes, stm_to_bytes
 
 __all__ = [
     "StoreError",
@@ -60,9 +60,6 @@ __all__ = [
     "open_store",
 ]
 
-# Tag written into every serialized state; bump it if the layout of the bytes ever changes.
-STATE_FORMAT = "rxt-stm-store/1"
-_TENSOR_NAME = "stm_state"
 _MAX_ID_LENGTH = 256
 _MAX_METADATA_BYTES = 64 * 1024
 
@@ -191,19 +188,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _short(fingerprint: str) -> str:
     return fingerprint[:16] + ("..." if len(fingerprint) > 16 else "")
-
-
-def _safetensors_metadata(blob: bytes) -> dict[str, str]:
-    """The `__metadata__` of safetensors bytes (without loading the tensor). ValueError if not safetensors."""
-    if len(blob) < 8:
-        raise ValueError(f"{len(blob)} bytes is too short for a safetensors header")
-    (header_length,) = struct.unpack("<Q", blob[:8])
-    if header_length > len(blob) - 8:
-        raise ValueError(f"header length {header_length} exceeds the {len(blob)} bytes stored")
-    header = json.loads(blob[8 : 8 + header_length].decode("utf-8"))
-    if not isinstance(header, dict):
-        raise ValueError("the safetensors header is not a JSON object")
-    return header.get("__metadata__") or {}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -526,15 +510,7 @@ class STMStore(ABC):
         return dict(metadata)
 
     def _encode(self, state: torch.Tensor) -> bytes:
-        return save_safetensors_bytes(
-            {_TENSOR_NAME: state},
-            metadata={
-                "format": STATE_FORMAT,
-                "fingerprint": self.fingerprint,
-                "dtype": _dtype_name(state.dtype),
-                "shape": json.dumps(list(state.shape)),
-            },
-        )
+        return stm_to_bytes(state, model_fingerprint=self.fingerprint)
 
     def _decode(self, conversation_id: str, blob: bytes) -> torch.Tensor:
         """The stored tensor, after checking it was written for this store's fingerprint, dtype and shape."""
@@ -543,10 +519,8 @@ class STMStore(ABC):
             "model that wrote it."
         )
         try:
-            metadata = _safetensors_metadata(bytes(blob))
-            if metadata.get("format") != STATE_FORMAT:
-                raise ValueError(f"format {metadata.get('format')!r} is not {STATE_FORMAT!r}")
-        except (ValueError, UnicodeDecodeError) as error:
+            tensor, metadata = stm_from_bytes(blob)
+        except ValueError as error:
             raise IncompatibleMemory(
                 f"conversation {conversation_id!r} holds bytes that are not an STM state of this store "
                 f"({error}): {fix}",
@@ -559,9 +533,9 @@ class STMStore(ABC):
             "shape": json.dumps(list(self.shape)),
         }
         found = {
-            "model fingerprint": metadata.get("fingerprint"),
-            "dtype": metadata.get("dtype"),
-            "shape": metadata.get("shape"),
+            "model fingerprint": metadata.get("model_fingerprint"),
+            "dtype": _dtype_name(tensor.dtype),
+            "shape": json.dumps(list(tensor.shape)),
         }
         shown = {"model fingerprint": lambda value: _short(str(value))}
         differences = [
@@ -575,20 +549,6 @@ class STMStore(ABC):
                 f"{'; '.join(differences)}. A state from another model is never used: {fix}",
                 conversation_id,
                 differences,
-            )
-        try:
-            tensor = load_safetensors_bytes(bytes(blob))[_TENSOR_NAME]
-        except Exception as error:  # safetensors raises its own error types for torn / truncated bytes
-            raise IncompatibleMemory(
-                f"conversation {conversation_id!r} holds an unreadable STM state ({error}): {fix}",
-                conversation_id,
-                [str(error)],
-            ) from error
-        if tensor.dtype != self.dtype or tuple(tensor.shape) != self.shape:
-            raise IncompatibleMemory(
-                f"conversation {conversation_id!r} holds a tensor {_dtype_name(tensor.dtype)} {list(tensor.shape)} "
-                f"that does not match its own metadata: {fix}",
-                conversation_id,
             )
         return tensor
 

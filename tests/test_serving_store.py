@@ -4,6 +4,7 @@ Redis tests start a real `redis-server` on a free loopback port (skipped only if
 """
 
 import copy
+import json
 import os
 import shutil
 import signal
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from modeling_rxt.format_rxt import STM_FORMAT, stm_from_bytes
 from serving.store import (
-    STATE_FORMAT,
     ConversationExists,
     ConversationNotFound,
     IncompatibleMemory,
@@ -490,7 +491,38 @@ def test_sqlite_file_layout_and_persistence_across_reopen(tmp_path):
     from safetensors.torch import load
 
     assert torch.equal(load(blob)["stm_state"], state * 2)  # plain safetensors bytes
-    assert STATE_FORMAT.encode() in blob[:400]
+    assert STM_FORMAT.encode() in blob[:400]  # the one STM format of modeling_rxt.format_rxt
+
+
+def legacy_store_blob(state: torch.Tensor, fingerprint: str) -> bytes:
+    """A row's state as the store wrote it before it used the one STM format (`rxt-stm-store/1`)."""
+    from safetensors.torch import save
+
+    metadata = {"format": "rxt-stm-store/1", "fingerprint": fingerprint, "dtype": str(state.dtype).removeprefix("torch."),
+                "shape": json.dumps(list(state.shape))}
+    return save({"stm_state": state.contiguous()}, metadata=metadata)
+
+
+def test_rows_of_the_former_store_format_are_still_read(tmp_path):
+    path = tmp_path / "stm.db"
+    state = random_state(6)
+    with SQLiteSTMStore(path, FINGERPRINT, STM_SHAPE, torch.float32) as store:
+        store.create("old", filled_state(0), metadata={"turns": "3"})
+        store.create("foreign", filled_state(0))
+        with sqlite3.connect(path) as raw:  # rows written by the previous release
+            raw.execute("UPDATE stm_memory SET state = ? WHERE conversation_id = 'old'",
+                        (legacy_store_blob(state, FINGERPRINT),))
+            raw.execute("UPDATE stm_memory SET state = ? WHERE conversation_id = 'foreign'",
+                        (legacy_store_blob(state, OTHER_FINGERPRINT),))
+        loaded = store.get("old")
+        assert torch.equal(loaded.stm_state, state) and loaded.metadata == {"turns": "3"}
+        with pytest.raises(IncompatibleMemory, match="model fingerprint: stored bbbbbbbbbbbbbbbb"):
+            store.get("foreign")  # the old rows' fingerprint is still checked
+        store.replace("old", state * 2, expected_version=1)  # the next write is in the one STM format
+        with sqlite3.connect(path) as raw:
+            blob = raw.execute("SELECT state FROM stm_memory WHERE conversation_id = 'old'").fetchone()[0]
+    tensor, metadata = stm_from_bytes(blob)
+    assert torch.equal(tensor, state * 2) and metadata == {"model_fingerprint": FINGERPRINT}
 
 
 def test_sqlite_connections_are_durable(tmp_path):
