@@ -372,6 +372,27 @@ def pad_rows(
     return values.to(device), mask.to(device)
 
 
+def pad_grid(
+    cells: Mapping[tuple[int, ...], Sequence[int] | torch.Tensor],
+    shape: Sequence[int],
+    pad_value: int | float,
+    length: int | None = None,
+    multiple_of: int | None = None,
+    dtype: torch.dtype = torch.long,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad rows that sit in a grid, such as turn `t` of conversation `b`, into `(values [*shape, T],
+    attention_mask [*shape, T])`: `cells[(b, t)]` is one row; grid cells without a row are all padding (mask 0)."""
+    keys = list(cells)
+    values, mask = pad_rows([cells[key] for key in keys], pad_value, length=length, multiple_of=multiple_of, dtype=dtype)
+    out = torch.full((*shape, values.shape[1]), pad_value, dtype=dtype)
+    out_mask = torch.zeros((*shape, values.shape[1]), dtype=torch.long)
+    if keys:
+        index = tuple(torch.tensor(axis) for axis in zip(*keys))
+        out[index], out_mask[index] = values, mask
+    return out.to(device), out_mask.to(device)
+
+
 # ------------------------------------------------------------------------------------------------------
 # streamed text
 
@@ -520,6 +541,7 @@ __all__ = [
     "decode_interaction",
     "render_interaction",
     "pad_rows",
+    "pad_grid",
     "IncrementalDetokenizer",
     "STM_FORMAT",
     "STM_FORMAT_VERSION",

@@ -11,6 +11,7 @@ from modeling_rxt.format_rxt import (
     IncrementalDetokenizer,
     encode_interaction,
     frame_interaction,
+    pad_grid,
     pad_rows,
     special_token_ids,
     stm_from_bytes,
@@ -69,6 +70,14 @@ def test_pad_rows_sides_length_multiple_and_dtype():
     assert weights.tolist() == [[0.5, 0.0], [1.0, 2.0]]
     with pytest.raises(ValueError, match="side"):
         pad_rows([[1]], 0, side="middle")
+
+
+def test_pad_grid_places_rows_in_their_cells():
+    values, mask = pad_grid({(0, 1): [1, 2], (1, 0): [3]}, (2, 2), 9)  # conversation, turn
+    assert values.tolist() == [[[9, 9], [1, 2]], [[3, 9], [9, 9]]]
+    assert mask.tolist() == [[[0, 0], [1, 1]], [[1, 0], [0, 0]]]
+    labels, _ = pad_grid({(1, 1): [IGNORE_INDEX, 4]}, (2, 2), IGNORE_INDEX, length=3)
+    assert labels.shape == (2, 2, 3) and labels[1, 1].tolist() == [IGNORE_INDEX, 4, IGNORE_INDEX]
 
 
 def test_incremental_detokenizer_pieces_join_to_the_decoded_text(tiny_tokenizer):

@@ -19,7 +19,7 @@ from trainers.mrl_trainer import (
     impo_loss,
     rewarded_turns,
 )
-from trainers.data import _encode_texts, _frame, special_ids
+from modeling_rxt.format_rxt import encode_texts, frame_interaction, special_token_ids
 from trainers.mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from trainers.synthetic_data import build_synthetic_dataset
 
@@ -254,13 +254,14 @@ def test_policy_gradient_reaches_memory_attention_and_encoder(tmp_path, mrl_data
 def _reference_nll(model, tokenizer, rows, taught):
     """Sum and count of the reference-answer token NLLs, each conversation's STM written turn by turn from its
     reference interactions; ``taught[i][t]``: whether turn t of conversation i counts."""
-    ids = special_ids(tokenizer)
+    ids = special_token_ids(tokenizer)
     nll, tokens = 0.0, 0
     for i, row in enumerate(rows):
         stm = model.init_memory(1)
         for t, turn in enumerate([{"query": row["query"], "answer": row["answer"]}, *row["interactions"]][:4]):
-            q, a = _encode_texts(tokenizer, [turn["query"], turn["answer"]])
-            full, labels, _ = _frame(q, a, 64, ids)
+            q, a = encode_texts(tokenizer, [turn["query"], turn["answer"]])
+            framed = frame_interaction(ids, q, a, max_length=64, truncate=True)
+            full, labels = framed.input_ids, framed.labels
             x = torch.tensor([full])
             if taught[i][t]:
                 logits = model(input_ids=x, stm_state=stm).logits[0, :-1]

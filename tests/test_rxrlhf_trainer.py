@@ -13,7 +13,6 @@ from datasets import Dataset
 
 from modeling_rxt import RxTConfig, RxTForCausalLM, special_token_ids
 from modeling_rxt.tokenization_rxt import build_tokenizer
-from trainers.data import special_ids
 from trainers.preference_data import (
     build_preference_dataset,
     load_preference_dataset,
@@ -88,11 +87,11 @@ CONVERSATIONS = [  # hand-built: two conversations of different lengths
 
 def _framed(tokenizer, query, answer):
     """``[BOS][Q] query [A] answer [EOS]`` built by hand, and the index where the answer starts."""
-    ids = special_ids(tokenizer)
+    ids = special_token_ids(tokenizer)
     q = tokenizer(query, add_special_tokens=False)["input_ids"]
     a = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    prefix = [ids["bos"], ids["q"], *q, ids["a"]]
-    return prefix + a + [ids["eos"]], len(prefix)
+    prefix = [ids["bos_token_id"], ids["query_token_id"], *q, ids["answer_token_id"]]
+    return prefix + a + [ids["eos_token_id"]], len(prefix)
 
 
 @torch.no_grad()

@@ -10,11 +10,11 @@ import torch
 from sacrebleu.metrics import BLEU
 
 import trainers.tensorbleu as tensorbleu
+from modeling_rxt.format_rxt import pad_rows
 from trainers.tensorbleu import (
     SMOOTHING_METHODS,
     TensorBLEU,
     bleu_statistics,
-    pad_sequences,
     tensor_corpus_bleu,
     tensor_sentence_bleu,
 )
@@ -170,8 +170,8 @@ def test_padding_is_ignored():
     cands, refs = random_batch(rng, batch=10, max_refs=1, vocab=5)
     cands = [[t + 1 for t in c] for c in cands]  # ids 1..5, 0 is padding
     refs = [[[t + 1 for t in r] for r in rs] for rs in refs]
-    cand_t, _ = pad_sequences(cands, pad)
-    ref_t, _ = pad_sequences([r[0] for r in refs], pad)
+    cand_t, _ = pad_rows(cands, pad)
+    ref_t, _ = pad_rows([r[0] for r in refs], pad)
     extra = torch.full((10, 3), pad)  # more padding than needed
     padded = tensor_sentence_bleu(
         torch.cat([cand_t, extra], 1), torch.cat([ref_t, extra], 1), pad_token_id=pad, smoothing="exp"

@@ -22,8 +22,9 @@ prompt, unlike a Llama chat prompt that flattens the whole history)::
 
     [BOS][Q] query [A] answer [EOS]
 
-The query and the answer are tokenized *separately* without special tokens and concatenated with
-the special token ids, so the ids of a query are the same alone or inside the template.
+The query and the answer are tokenized *separately* without special tokens and framed by
+``modeling_rxt.format_rxt.frame_interaction`` (the one implementation of the template, with its
+truncation rule), so the ids of a query are the same alone or inside the template.
 
 Collators return torch tensors, pad on the right with the ``[PAD]`` id and put ``-100`` in the
 labels on padding. Labels are aligned with ``input_ids`` (Hugging Face convention: the model
@@ -39,19 +40,25 @@ from typing import Any, Sequence
 
 import torch
 
+from modeling_rxt.format_rxt import (
+    IGNORE_INDEX,
+    encode_texts,
+    frame_interaction,
+    pad_grid,
+    pad_rows,
+    special_token_ids,
+)
+
 from .synthetic_data import DATASET_KINDS, build_synthetic_dataset
 
 __all__ = [
     "REQUIRED_COLUMNS",
     "load_rxt_dataset",
-    "special_ids",
     "tokenize_interaction",
     "InteractionCollator",
     "TextCollator",
     "ConversationCollator",
 ]
-
-IGNORE_INDEX = -100
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "pretraining": ("text",),
@@ -274,54 +281,6 @@ def load_rxt_dataset(source: str | None, kind: str, split: str | None = None,
 # --------------------------------------------------------------------------------------------
 
 
-def special_ids(tokenizer) -> dict[str, int]:
-    """Ids of ``[BOS] [Q] [A] [EOS] [PAD]`` (keys ``bos q a eos pad``) from ``tokenizer``.
-
-    Raises ``ValueError`` if the tokenizer does not know one of them (it maps to ``[UNK]``).
-    """
-    out = {}
-    unk = tokenizer.unk_token_id
-    for key, tok in (("bos", "[BOS]"), ("q", "[Q]"), ("a", "[A]"), ("eos", "[EOS]"),
-                     ("pad", "[PAD]")):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if tid is None or (unk is not None and tid == unk):
-            raise ValueError(
-                f"tokenizer has no special token {tok!r}; RxT needs [BOS] [EOS] [PAD] [UNK] "
-                "[MASK] [Q] [A] [T]. Fix: build it with modeling_rxt.tokenization_rxt."
-                "build_tokenizer or add them with tokenizer.add_special_tokens(...)."
-            )
-        out[key] = int(tid)
-    return out
-
-
-def _encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text without special tokens (one batched call)."""
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
-def _frame(q_ids: list[int], a_ids: list[int], max_length: int, ids: dict[str, int]):
-    """``[BOS][Q] q [A] a [EOS]`` truncated to ``max_length``.
-
-    Truncation: first the answer is cut (keeping its beginning), down to nothing if needed;
-    then the query (keeping its beginning). ``[BOS] [Q] [A] [EOS]`` are always kept, so
-    ``max_length`` must be at least 4. Returns (input_ids, labels_answer_only, query_length).
-    """
-    if max_length < 4:
-        raise ValueError(
-            f"max_length={max_length} is too small: an interaction needs at least 4 tokens "
-            "([BOS][Q][A][EOS]). Fix: use a larger max_length."
-        )
-    room = max_length - 4
-    if len(q_ids) + len(a_ids) > room:
-        a_ids = a_ids[: max(0, room - len(q_ids))]
-        q_ids = q_ids[:room - len(a_ids)]
-    prefix = [ids["bos"], ids["q"], *q_ids, ids["a"]]
-    tail = [*a_ids, ids["eos"]]
-    return prefix + tail, [IGNORE_INDEX] * len(prefix) + tail, len(prefix)
-
-
 def tokenize_interaction(tokenizer, query: str, answer: str, max_length: int,
                          padding: bool = False) -> dict:
     """Tokenize one interaction as ``[BOS][Q] query [A] answer [EOS]``.
@@ -336,28 +295,18 @@ def tokenize_interaction(tokenizer, query: str, answer: str, max_length: int,
     decoder generates from). With ``padding=True`` the lists are right-padded to ``max_length``
     with ``[PAD]``.
     """
-    ids = special_ids(tokenizer)
-    q_ids, a_ids = _encode_texts(tokenizer, [query, answer])
-    input_ids, labels, qlen = _frame(q_ids, a_ids, max_length, ids)
+    ids = special_token_ids(tokenizer)
+    q_ids, a_ids = encode_texts(tokenizer, [query, answer])
+    framed = frame_interaction(ids, q_ids, a_ids, max_length=max_length, truncate=True)
+    input_ids, labels, qlen = framed.input_ids, framed.labels, framed.prompt_length
     mask = [1] * len(input_ids)
     if padding:
         extra = max_length - len(input_ids)
-        input_ids = input_ids + [ids["pad"]] * extra
+        input_ids = input_ids + [ids["pad_token_id"]] * extra
         mask = mask + [0] * extra
         labels = labels + [IGNORE_INDEX] * extra
     return {"input_ids": input_ids, "attention_mask": mask, "labels_answer_only": labels,
             "query_length": qlen}
-
-
-def _round_up(n: int, multiple: int | None) -> int:
-    if multiple and n % multiple:
-        return n + multiple - n % multiple
-    return n
-
-
-def _full_labels(input_ids: list[int]) -> list[int]:
-    """Labels for a loss on every token: all of them but the first."""
-    return [IGNORE_INDEX] + list(input_ids[1:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,9 +337,9 @@ class InteractionCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        ids = special_ids(self.tokenizer)
+        ids = special_token_ids(self.tokenizer)
         rows = _interaction_rows(self.tokenizer, examples, self.max_length, ids)
-        batch = _pad_rows(rows, ids["pad"], self.pad_to_multiple_of, self.answer_only_loss)
+        batch = _pad_rows(rows, ids["pad_token_id"], self.pad_to_multiple_of, self.answer_only_loss)
         distances = torch.tensor([int(ex.get("recall_distance", 0) or 0) for ex in examples],
                                  dtype=torch.long)  # [B]
         if any("recall_distance" in ex for ex in examples):
@@ -402,8 +351,8 @@ class InteractionCollator:
         return batch
 
 
-def _interaction_rows(tokenizer, examples, max_length, ids) -> list[tuple[list, list, int]]:
-    """(input_ids, labels_answer_only, query_length) per example, tokenizing in one call."""
+def _interaction_rows(tokenizer, examples, max_length, ids) -> list[tuple[list[int], list[int], int]]:
+    """(input_ids, labels_answer_only, query_length) per example, tokenizing the raw ones in one call."""
     rows: list = [None] * len(examples)
     todo = []
     for i, ex in enumerate(examples):
@@ -412,14 +361,12 @@ def _interaction_rows(tokenizer, examples, max_length, ids) -> list[tuple[list, 
             if "attention_mask" in ex:  # drop padding of pre-padded examples
                 input_ids = [t for t, m in zip(input_ids, ex["attention_mask"]) if m]
             labels = ex.get("labels_answer_only")
-            labels = list(labels)[: len(input_ids)] if labels is not None else None
-            qlen = ex.get("query_length")
-            if labels is None or qlen is None:
+            if labels is None or ex.get("query_length") is None:
                 raise ValueError(
                     "a pre-tokenized example needs 'labels_answer_only' and 'query_length' "
                     "(the output of tokenize_interaction); or pass raw 'query' and 'answer'."
                 )
-            rows[i] = (input_ids, labels, int(qlen))
+            rows[i] = (input_ids, list(labels)[: len(input_ids)], int(ex["query_length"]))
         elif "query" in ex and "answer" in ex:
             todo.append(i)
         else:
@@ -428,34 +375,25 @@ def _interaction_rows(tokenizer, examples, max_length, ids) -> list[tuple[list, 
                 f"{sorted(ex)}. Fix: load the data with load_rxt_dataset(..., column_mapping=...)."
             )
     if todo:
-        enc = _encode_texts(tokenizer, [t for i in todo for t in (examples[i]["query"],
-                                                                 examples[i]["answer"])])
+        enc = encode_texts(tokenizer, [t for i in todo for t in (examples[i]["query"], examples[i]["answer"])])
         for j, i in enumerate(todo):
-            rows[i] = _frame(enc[2 * j], enc[2 * j + 1], max_length, ids)
+            framed = frame_interaction(ids, enc[2 * j], enc[2 * j + 1], max_length=max_length, truncate=True)
+            rows[i] = (framed.input_ids, framed.labels, framed.prompt_length)
     return rows
 
 
-def _pad_rows(rows, pad_id: int, multiple: int | None, answer_only: bool,
-              length: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad (input_ids, labels_answer_only, query_length) rows into [B, T] tensors."""
-    t = length if length is not None else _round_up(max((len(r[0]) for r in rows), default=1),
-                                                     multiple)
-    b = len(rows)
-    input_ids = torch.full((b, t), pad_id, dtype=torch.long)          # [B, T]
-    attention = torch.zeros((b, t), dtype=torch.long)                 # [B, T]
-    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)       # [B, T]
-    answer_mask = torch.zeros((b, t), dtype=torch.bool)               # [B, T]
-    qlens = torch.zeros((b,), dtype=torch.long)                       # [B]
-    for i, (ids, lab, qlen) in enumerate(rows):
-        n = len(ids)
-        input_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
-        attention[i, :n] = 1
-        ans = torch.tensor(lab, dtype=torch.long)
-        answer_mask[i, :n] = ans != IGNORE_INDEX
-        labels[i, :n] = ans if answer_only else torch.tensor(_full_labels(ids), dtype=torch.long)
-        qlens[i] = qlen
+def _pad_rows(rows, pad_id: int, multiple: int | None, answer_only: bool) -> dict[str, torch.Tensor]:
+    """Right-pad (input_ids, labels_answer_only, query_length) rows into [B, T] tensors (``T`` rounded up to
+    ``multiple``)."""
+    input_ids, attention = pad_rows([r[0] for r in rows], pad_id, multiple_of=multiple)  # [B, T]
+    labels, _ = pad_rows([r[1] for r in rows], IGNORE_INDEX, length=input_ids.shape[1])  # [B, T]
+    answer_mask = labels != IGNORE_INDEX  # [B, T]
+    if not answer_only:  # a loss on every real token but the first
+        labels = input_ids.masked_fill(attention == 0, IGNORE_INDEX)
+        labels[:, :1] = IGNORE_INDEX
+    query_length = torch.tensor([r[2] for r in rows], dtype=torch.long)  # [B]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-            "query_length": qlens, "answer_mask": answer_mask}
+            "query_length": query_length, "answer_mask": answer_mask}
 
 
 def _loss_weights(answer_mask: torch.Tensor, distances: torch.Tensor,
@@ -484,7 +422,7 @@ class TextCollator:
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length} must be >= 2 ([BOS] and [EOS]).")
-        ids = special_ids(self.tokenizer)
+        ids = special_token_ids(self.tokenizer)
         texts = []
         for ex in examples:
             if self.text_column not in ex:
@@ -494,10 +432,10 @@ class TextCollator:
                 )
             texts.append(ex[self.text_column])
         rows = []
-        for tok in _encode_texts(self.tokenizer, texts):
-            seq = [ids["bos"], *tok[: self.max_length - 2], ids["eos"]]
-            rows.append((seq, _full_labels(seq), 0))
-        batch = _pad_rows(rows, ids["pad"], self.pad_to_multiple_of, answer_only=True)
+        for tok in encode_texts(self.tokenizer, texts):
+            seq = [ids["bos_token_id"], *tok[: self.max_length - 2], ids["eos_token_id"]]
+            rows.append((seq, [IGNORE_INDEX] + seq[1:], 0))  # labels: every token but [BOS]
+        batch = _pad_rows(rows, ids["pad_token_id"], self.pad_to_multiple_of, answer_only=True)
         return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
@@ -563,35 +501,28 @@ class ConversationCollator:
         return turns, dist, kws
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
-        ids = special_ids(self.tokenizer)
+        ids = special_token_ids(self.tokenizer)
         per_row = [self._turns(row) for row in rows]
         b = len(rows)
         n = max((len(t) for t, _, _ in per_row), default=0)
+        cells = [(i, k) for i, (turns, _, _) in enumerate(per_row) for k in range(len(turns))]  # (row, turn)
         flat = [turn for turns, _, _ in per_row for turn in turns]
-        encoded = _interaction_rows(self.tokenizer, flat, self.max_length, ids)
-        t_len = _round_up(max((len(r[0]) for r in encoded), default=1), self.pad_to_multiple_of)
-        padded = _pad_rows(encoded, ids["pad"], None, answer_only=True, length=t_len)
-
-        input_ids = torch.full((b, n, t_len), ids["pad"], dtype=torch.long)  # [B, N, T]
-        attention = torch.zeros((b, n, t_len), dtype=torch.long)            # [B, N, T]
-        labels = torch.full((b, n, t_len), IGNORE_INDEX, dtype=torch.long)  # [B, N, T]
-        answer_mask = torch.zeros((b, n, t_len), dtype=torch.bool)          # [B, N, T]
-        qlens = torch.zeros((b, n), dtype=torch.long)                       # [B, N]
-        turn_mask = torch.zeros((b, n), dtype=torch.long)                   # [B, N]
-        distances = torch.zeros((b, n), dtype=torch.long)                   # [B, N]
+        encoded = dict(zip(cells, _interaction_rows(self.tokenizer, flat, self.max_length, ids)))
+        input_ids, attention = pad_grid({c: r[0] for c, r in encoded.items()}, (b, n), ids["pad_token_id"],
+                                        multiple_of=self.pad_to_multiple_of)  # [B, N, T]
+        labels, _ = pad_grid({c: r[1] for c, r in encoded.items()}, (b, n), IGNORE_INDEX,
+                             length=input_ids.shape[-1])  # [B, N, T]
+        qlens = torch.zeros((b, n), dtype=torch.long)      # [B, N]
+        turn_mask = torch.zeros((b, n), dtype=torch.long)  # [B, N]
+        distances = torch.zeros((b, n), dtype=torch.long)  # [B, N]
+        for (i, k), row in encoded.items():
+            qlens[i, k] = row[2]
         keywords: list[list[list[str]]] = []
-        k = 0
         for i, (turns, dist, kws) in enumerate(per_row):
             m = len(turns)
-            input_ids[i, :m] = padded["input_ids"][k:k + m]
-            attention[i, :m] = padded["attention_mask"][k:k + m]
-            labels[i, :m] = padded["labels"][k:k + m]
-            answer_mask[i, :m] = padded["answer_mask"][k:k + m]
-            qlens[i, :m] = padded["query_length"][k:k + m]
             turn_mask[i, :m] = 1
             distances[i, :m] = torch.tensor(dist, dtype=torch.long)
             keywords.append([list(x) for x in kws] + [[] for _ in range(n - m)])
-            k += m
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention,
@@ -604,5 +535,5 @@ class ConversationCollator:
         if all("conversation_id" in row for row in rows):
             batch["conversation_id"] = [row["conversation_id"] for row in rows]
         if self.recall_weight is not None:
-            batch["loss_weights"] = _loss_weights(answer_mask, distances, self.recall_weight)
+            batch["loss_weights"] = _loss_weights(labels != IGNORE_INDEX, distances, self.recall_weight)
         return batch

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modeling_rxt.tokenization_rxt import encode_interaction, special_token_ids
+from modeling_rxt.format_rxt import IGNORE_INDEX, encode_interaction, pad_rows, special_token_ids
 
 __all__ = ["evaluate_memory", "format_evaluation_table", "keywords_match"]
 
@@ -126,20 +126,6 @@ def _rows(dataset, max_conversations: int | None) -> list[Mapping[str, Any]]:
 # batching helpers
 
 
-def _pad(sequences: list[list[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if side == "left":
-            ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, length - len(s) :] = 1
-        else:
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _fresh_memory(model, n: int) -> torch.Tensor:
     """The state a new conversation starts from (and the control's state at every turn)."""
     if getattr(model.config, "stm_init_mode", None) == "normal":
@@ -175,17 +161,20 @@ def _answer_ids(new_tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
 
 def _answer_losses(model, sequences: list[list[int]], prompt_lengths: list[int], stm, pad_id: int):
     """Per-row (sum of CE over answer tokens incl. [EOS], number of those tokens), one forward pass."""
-    ids, mask = _pad(sequences, pad_id, "right", stm.device)
+    ids, mask = pad_rows(sequences, pad_id, device=stm.device)
     logits = model(input_ids=ids, attention_mask=mask, stm_state=stm, use_cache=False).logits
-    labels = torch.full_like(ids, -100)
-    for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
-        labels[i, p : len(seq)] = ids[i, p : len(seq)]
+    labels, _ = pad_rows(  # answer-only labels
+        [[IGNORE_INDEX] * p + seq[p:] for seq, p in zip(sequences, prompt_lengths)], IGNORE_INDEX, device=stm.device
+    )
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     ce = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view(shift_labels.shape)
-    valid = shift_labels != -100
+    valid = shift_labels != IGNORE_INDEX
     return (ce * valid).sum(dim=1).tolist(), valid.sum(dim=1).tolist()
 
 
@@ -316,7 +305,7 @@ def evaluate_memory(
                     both = torch.cat([stm.index_select(0, index), _fresh_memory(model, n)], dim=0)
                     prompts = [t["prompt"] for t in turns] * 2
 
-                    input_ids, attention_mask = _pad(prompts, pad_id, "left", device)
+                    input_ids, attention_mask = pad_rows(prompts, pad_id, side="left", device=device)
                     sequences = generate_fn(model, input_ids, attention_mask, both, new_tokens, eos_id, pad_id)
                     generated = [
                         _answer_ids(row, eos_id, pad_id) for row in sequences[:, input_ids.shape[1] :].tolist()
@@ -335,7 +324,7 @@ def evaluate_memory(
                         interactions = [t["prompt"] + g + [eos_id] for t, g in zip(turns, generated[:n])]
                     else:
                         interactions = [t["reference_ids"] for t in turns]
-                    ids_t, mask_t = _pad(interactions, pad_id, "right", device)
+                    ids_t, mask_t = pad_rows(interactions, pad_id, device=device)
                     updated = model.update_memory(stm.index_select(0, index), ids_t, mask_t)
                     stm = stm.index_copy(0, index, updated.to(stm.dtype))
 

@@ -94,7 +94,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from .data import IGNORE_INDEX, _encode_texts, _frame, special_ids
+from modeling_rxt.format_rxt import (
+    IGNORE_INDEX,
+    Interaction,
+    encode_texts,
+    frame_interaction,
+    pad_grid,
+    pad_rows,
+    special_token_ids,
+)
+
 from .mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from .rewards import REWARDS_BY_NAME
 from .smat_trainer import SMAT_COMPONENTS, component_parameters, resolve_schedule_step
@@ -470,22 +479,6 @@ def _group_leaders(memory_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return first, inverse
 
 
-def _pad(seqs: list[list[int]], pad: int, left: bool = False, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max([len(s) for s in seqs] + [1]) if length is None else length
-    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if not s:
-            continue
-        if left:
-            ids[i, length - len(s):] = torch.tensor(s)
-            mask[i, length - len(s):] = 1
-        else:
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-    return ids, mask
-
-
 class _CriticCheckpoint(TrainerCallback):
     """Saves the memory-aware critic into every ``checkpoint-N`` folder the Trainer writes."""
 
@@ -576,7 +569,7 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
             for param in self._kl_model.parameters():
                 param.requires_grad_(False)
         self.curriculum = MRLCurriculum(args)
-        self._ids = special_ids(processing_class)
+        self._ids = special_token_ids(processing_class)
         # The optional memory-aware critic: its own copy of embedding + decoder, its own optimizer.
         self.critic = MemoryAwareCritic(model) if args.advantage_estimator == "critic" else None
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -714,6 +707,7 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
             raise ValueError(f"the batch has {R} rows, not a multiple of num_generations={G}.")
         tok = self.processing_class
         ids = self._ids
+        pad, eos = ids["pad_token_id"], ids["eos_token_id"]
         unwrapped = self.accelerator.unwrap_model(self.model)
         limit = getattr(unwrapped.config, "max_position_embeddings", None) or self.args.max_interaction_length
         max_len = min(self.args.max_interaction_length, int(limit))
@@ -732,7 +726,7 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         # tokenised queries / reference answers
         flat = [(r, t) for r, e in enumerate(episodes) for t in range(len(e))]
         texts = [episodes[r][t]["query"] for r, t in flat] + [episodes[r][t]["answer"] for r, t in flat]
-        enc = _encode_texts(tok, texts)
+        enc = encode_texts(tok, texts)
         q_ids = {rt: enc[i] for i, rt in enumerate(flat)}
         a_ids = {rt: enc[len(flat) + i] for i, rt in enumerate(flat)}
 
@@ -743,43 +737,43 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         initial_stm = stm.clone()
         completions: dict[tuple[int, int], list[int]] = {}
         mem_seqs: dict[tuple[int, int], list[int]] = {}
-        ref_frames: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        ref_frames: dict[tuple[int, int], Interaction] = {}
         prompts_tok: dict[tuple[int, int], list[int]] = {}
         states: dict[tuple[int, int], torch.Tensor] = {}  # the STM each scored answer read (for the critic)
         gen_kwargs = dict(do_sample=True, max_new_tokens=self.max_completion_length, temperature=self.temperature,
-                          top_p=self.top_p, top_k=self.top_k or None, pad_token_id=ids["pad"],
-                          eos_token_id=ids["eos"])
+                          top_p=self.top_p, top_k=self.top_k or None, pad_token_id=pad,
+                          eos_token_id=eos)
         was_training = unwrapped.training
         for t in range(N):
             rows = [r for r in range(R) if t in scored_turns[r]]
             if rows:
                 prompt = []
                 for r in rows:
-                    full, _, qlen = _frame(q_ids[r, t], [], max_len - self.max_completion_length, ids)
-                    prompt.append(full[:qlen])  # [BOS][Q] query [A]
-                    prompts_tok[r, t] = full[:qlen]
+                    framed = frame_interaction(ids, q_ids[r, t], [], max_length=max_len - self.max_completion_length,
+                                               truncate=True)  # the query cut as in a whole interaction
+                    prompt.append(framed.input_ids[: framed.prompt_length])  # [BOS][Q] query [A]
+                    prompts_tok[r, t] = prompt[-1]
                     if self.critic is not None:
                         states[r, t] = stm[r]
-                p_ids, p_mask = _pad(prompt, ids["pad"], left=True)
-                p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+                p_ids, p_mask = pad_rows(prompt, pad, side="left", device=device)
                 out = unwrapped.generate(p_ids, attention_mask=p_mask, stm_state=stm[rows], **gen_kwargs)
                 new = out[:, p_ids.shape[1]:].tolist()
                 for r, seq in zip(rows, new):
-                    if ids["eos"] in seq:
-                        seq = seq[: seq.index(ids["eos"]) + 1]
+                    if eos in seq:
+                        seq = seq[: seq.index(eos) + 1]
                     else:
-                        seq = [s for s in seq if s != ids["pad"]]
+                        seq = [s for s in seq if s != pad]
                     completions[r, t] = seq
             present = [r for r in range(R) if t < len(episodes[r])]
             for r in present:
-                ref_frames[r, t] = _frame(q_ids[r, t], a_ids[r, t], max_len, ids)[:2]  # (input ids, answer labels)
-                mem_seqs[r, t] = ref_frames[r, t][0]
+                ref_frames[r, t] = frame_interaction(ids, q_ids[r, t], a_ids[r, t], max_length=max_len, truncate=True)
+                mem_seqs[r, t] = ref_frames[r, t].input_ids
                 if own and (r, t) in completions:
-                    answer = [s for s in completions[r, t] if s not in (ids["eos"], ids["pad"])]
-                    mem_seqs[r, t] = _frame(q_ids[r, t], answer, max_len, ids)[0]
+                    answer = [s for s in completions[r, t] if s not in (eos, pad)]
+                    own_frame = frame_interaction(ids, q_ids[r, t], answer, max_length=max_len, truncate=True)
+                    mem_seqs[r, t] = own_frame.input_ids
             if t < N - 1:
-                m_ids, m_mask = _pad([mem_seqs.get((r, t), []) for r in range(R)], ids["pad"])
-                m_ids, m_mask = m_ids.to(device), m_mask.to(device)
+                m_ids, m_mask = pad_rows([mem_seqs.get((r, t), []) for r in range(R)], pad, device=device)
                 new_stm = shared_memory_update(unwrapped, stm, m_ids, m_mask, memory_group)
                 keep = torch.tensor([t < len(e) for e in episodes], device=device).view(-1, *[1] * (stm.dim() - 1))
                 stm = torch.where(keep, new_stm, stm)
@@ -788,28 +782,15 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         # per-turn tensors [R, N, ...]
         turn_present = torch.tensor([[t < len(e) for t in range(N)] for e in episodes], dtype=torch.bool)
         scored = torch.tensor([[t in s for t in range(N)] for s in scored_turns], dtype=torch.bool)
-        Tm = max(len(s) for s in mem_seqs.values())
-        mem_ids = torch.full((R, N, Tm), ids["pad"], dtype=torch.long)
-        mem_mask = torch.zeros((R, N, Tm), dtype=torch.long)
-        for (r, t), s in mem_seqs.items():
-            mem_ids[r, t, : len(s)] = torch.tensor(s)
-            mem_mask[r, t, : len(s)] = 1
+        mem_ids, mem_mask = pad_grid(mem_seqs, (R, N), pad)  # [R, N, Tm]
         if self.args.supervised_coef > 0:  # reference interactions with answer-only labels, for the supervised term
-            Tr = max(len(f[0]) for f in ref_frames.values())
-            ref_ids = torch.full((R, N, Tr), ids["pad"], dtype=torch.long)
-            ref_labels = torch.full((R, N, Tr), IGNORE_INDEX, dtype=torch.long)
-            for (r, t), (full, labels) in ref_frames.items():
-                ref_ids[r, t, : len(full)] = torch.tensor(full)
-                ref_labels[r, t, : len(labels)] = torch.tensor(labels)
+            ref_ids, _ = pad_grid({k: f.input_ids for k, f in ref_frames.items()}, (R, N), pad)  # [R, N, Tr]
+            ref_labels, _ = pad_grid({k: f.labels for k, f in ref_frames.items()}, (R, N), IGNORE_INDEX)
         L = max([len(prompts_tok[k]) + len(completions[k]) for k in completions] + [2])
-        seq_ids = torch.full((R, N, L), ids["pad"], dtype=torch.long)
-        seq_mask = torch.zeros((R, N, L), dtype=torch.long)
-        completion_mask = torch.zeros((R, N, L), dtype=torch.long)
-        for (r, t), c in completions.items():
-            p = prompts_tok[r, t]
-            seq_ids[r, t, : len(p) + len(c)] = torch.tensor(p + c)
-            seq_mask[r, t, : len(p) + len(c)] = 1
-            completion_mask[r, t, len(p): len(p) + len(c)] = 1
+        seq_ids, seq_mask = pad_grid({k: prompts_tok[k] + c for k, c in completions.items()}, (R, N), pad, length=L)
+        completion_mask, _ = pad_grid(  # [R, N, L]: 1 on the generated tokens
+            {k: [0] * len(prompts_tok[k]) + [1] * len(c) for k, c in completions.items()}, (R, N), 0, length=L
+        )
 
         # rewards, in (turn, row) order so that the G rollouts of a conversation at a turn are consecutive
         order = [(r, t) for t in range(N) for r in range(R) if scored[r, t]]
@@ -825,7 +806,7 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                 "memory_ids": mem_tokens, "recall_distance": d, "turn": t, "answer_keywords": turn["keywords"],
             })
             prompts.append(turn["query"])
-            clean = [s for s in completions[r, t] if s not in (ids["eos"], ids["pad"])]
+            clean = [s for s in completions[r, t] if s not in (eos, pad)]
             comp_ids.append(clean)
             texts_out.append(tok.decode(clean, skip_special_tokens=True))
         rewards_per_func = self._calculate_rewards(reward_inputs, prompts, texts_out, comp_ids)
@@ -836,7 +817,7 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         if self.critic is None:
             adv_flat = group_advantages(rewards, G, self.scale_rewards)
         else:
-            c_ids, c_mask = _pad([prompts_tok[k] for k in order], ids["pad"], left=True)
+            c_ids, c_mask = pad_rows([prompts_tok[k] for k in order], pad, side="left")
             c_stm = torch.stack([states[k] for k in order])
             values = self._critic_values(c_ids.to(device), c_mask.to(device), c_stm, rewards.to(device),
                                          fit=mode == "train")
@@ -937,7 +918,7 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                 rows = taught[:, t].nonzero().squeeze(1)
                 if rows.numel():
                     ref, labels = inputs["ref_ids"][rows, t], inputs["ref_labels"][rows, t]  # [n, T]
-                    ref_mask = (ref != self._ids["pad"]).long()
+                    ref_mask = (ref != self._ids["pad_token_id"]).long()
                     out = forward_model(input_ids=ref, attention_mask=ref_mask, stm_state=stm[rows])
                     targets = labels[:, 1:]
                     nll_sum = nll_sum + F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), targets.flatten(),

@@ -39,7 +39,9 @@ import torch
 from torch import nn
 
 from .evaluation import keywords_match
-from .tensorbleu import SMOOTHING_METHODS, pad_sequences, tensor_sentence_bleu
+from modeling_rxt.format_rxt import pad_rows
+
+from .tensorbleu import SMOOTHING_METHODS, tensor_sentence_bleu
 
 __all__ = [
     "CombinedReward",
@@ -283,10 +285,10 @@ def embedding_similarity_reward(
 
 def _mean_embeddings(seqs: list[list[int]], weight: torch.Tensor) -> torch.Tensor:
     """``[N, dim]`` mean embedding of each id list (zeros for an empty one), in one gather."""
-    ids, lengths = pad_sequences(seqs, 0, weight.device)
-    mask = (torch.arange(ids.shape[1], device=weight.device) < lengths.unsqueeze(1)).to(weight.dtype)
+    ids, mask = pad_rows(seqs, 0, device=weight.device)
+    mask = mask.to(weight.dtype)
     summed = (weight[ids] * mask.unsqueeze(-1)).sum(dim=1)
-    return summed / lengths.clamp(min=1).unsqueeze(1).to(weight.dtype)
+    return summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------------

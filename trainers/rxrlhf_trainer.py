@@ -70,7 +70,8 @@ import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 
-from .data import IGNORE_INDEX, _encode_texts, _frame, special_ids
+from modeling_rxt.format_rxt import IGNORE_INDEX, encode_texts, frame_interaction, pad_grid, special_token_ids
+
 from .preference_data import check_preference_row
 from .smat_trainer import SMAT_COMPONENTS, component_parameters
 from .trl_stage import RxTStageMixin, is_peft_model
@@ -280,7 +281,7 @@ def preference_loss(
 
 def _tokenize_turns(tokenizer, turns: Sequence[Mapping[str, str]]) -> dict[str, list[list[int]]]:
     texts = [t[key] for t in turns for key in ("query", "chosen", "rejected")]
-    enc = _encode_texts(tokenizer, texts)
+    enc = encode_texts(tokenizer, texts)
     return {
         "turn_query_ids": enc[0::3],
         "turn_chosen_ids": enc[1::3],
@@ -294,7 +295,7 @@ class PreferenceCollator:
 
     A row is tokenized (``turn_query_ids`` / ``turn_chosen_ids`` / ``turn_rejected_ids``, as made by
     ``RxRLHFTrainer``) or raw (``interactions: [{query, chosen, rejected}]``, tokenized here). Each pair is framed
-    as ``[BOS][Q] query [A] answer [EOS]`` (``trainers.data._frame``: answer cut first, at most ``max_length``).
+    as ``[BOS][Q] query [A] answer [EOS]`` (``format_rxt.frame_interaction``: answer cut first, at most ``max_length``).
 
     Returns ``pair_input_ids`` / ``pair_attention_mask`` / ``pair_completion_mask`` ``[B, N, 2, T]`` (completion:
     the answer tokens and ``[EOS]``, the tokens that are scored), ``turn_mask`` ``[B, N]`` (conversations may have
@@ -306,7 +307,7 @@ class PreferenceCollator:
     max_length: int = 256
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        ids = special_ids(self.tokenizer)
+        ids = special_token_ids(self.tokenizer)
         per_row = []
         for index, row in enumerate(rows):
             if all(k in row for k in TOKENIZED_COLUMNS):
@@ -317,23 +318,17 @@ class PreferenceCollator:
             per_row.append(tokens)
         size = len(rows)
         turns = max(len(t["turn_query_ids"]) for t in per_row)
-        framed: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
-        for b, tokens in enumerate(per_row):
-            for k, q in enumerate(tokens["turn_query_ids"]):
-                for j, key in enumerate(("turn_chosen_ids", "turn_rejected_ids")):
-                    seq, labels, _ = _frame(q, tokens[key][k], self.max_length, ids)
-                    framed[b, k, j] = (seq, labels)
-        length = max(len(seq) for seq, _ in framed.values())
-        input_ids = torch.full((size, turns, 2, length), ids["pad"], dtype=torch.long)  # [B, N, 2, T]
-        attention = torch.zeros((size, turns, 2, length), dtype=torch.long)  # [B, N, 2, T]
-        completion = torch.zeros((size, turns, 2, length), dtype=torch.long)  # [B, N, 2, T]
-        turn_mask = torch.zeros((size, turns), dtype=torch.bool)  # [B, N]
-        for (b, k, j), (seq, labels) in framed.items():
-            n = len(seq)
-            input_ids[b, k, j, :n] = torch.tensor(seq)
-            attention[b, k, j, :n] = 1
-            completion[b, k, j, :n] = torch.tensor([int(lab != IGNORE_INDEX) for lab in labels])
-            turn_mask[b, k] = True
+        framed = {
+            (b, k, j): frame_interaction(ids, q, tokens[key][k], max_length=self.max_length, truncate=True)
+            for b, tokens in enumerate(per_row)
+            for k, q in enumerate(tokens["turn_query_ids"])
+            for j, key in enumerate(("turn_chosen_ids", "turn_rejected_ids"))
+        }
+        grid = (size, turns, 2)
+        input_ids, attention = pad_grid({c: f.input_ids for c, f in framed.items()}, grid, ids["pad_token_id"])
+        labels, _ = pad_grid({c: f.labels for c, f in framed.items()}, grid, IGNORE_INDEX)  # [B, N, 2, T]
+        completion = (labels != IGNORE_INDEX).long()  # [B, N, 2, T]
+        turn_mask = attention.any(dim=(2, 3))  # [B, N]
         distance = torch.zeros((size, turns), dtype=torch.long)  # [B, N]
         types = []
         for b, row in enumerate(rows):
@@ -604,7 +599,7 @@ class RxRLHFTrainer(RxTStageMixin, DPOTrainer):
         if train_dataset is None:
             raise ValueError("RxRLHFTrainer needs a preference train_dataset (interactions: [{query, chosen, "
                              "rejected}]), e.g. build_preference_dataset(...)['train'].")
-        self._ids = special_ids(processing_class)
+        self._ids = special_token_ids(processing_class)
         config = _base_config(model)
         limit = int(config.max_position_embeddings)
         self._max_interaction_length = min(args.max_length or limit, limit)

@@ -27,6 +27,8 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
+from modeling_rxt.format_rxt import IGNORE_INDEX
+
 from .trainer_base import RxTTrainer, RxTTrainingConfig
 
 __all__ = [
@@ -38,7 +40,6 @@ __all__ = [
     "resolve_schedule_step",
 ]
 
-IGNORE_INDEX = -100
 SMAT_COMPONENTS = ("decoder", "memory_cross_attention", "memory_attention", "encoder", "embedding")
 
 

@@ -60,13 +60,14 @@ from typing import NamedTuple, Union
 
 import torch
 
+from modeling_rxt.format_rxt import pad_rows
+
 __all__ = [
     "SMOOTHING_METHODS",
     "BLEUStatistics",
     "TensorBLEU",
     "bleu_from_statistics",
     "bleu_statistics",
-    "pad_sequences",
     "tensor_corpus_bleu",
     "tensor_sentence_bleu",
 ]
@@ -99,21 +100,6 @@ class BLEUStatistics(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 
 
-def pad_sequences(
-    sequences: Sequence[TokenSeq], pad_value: int = 0, device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad variable-length token sequences into ``([N, T_max] long tensor, [N] lengths)``."""
-    rows = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sequences]
-    lengths = torch.tensor([r.numel() for r in rows], dtype=torch.long)
-    width = int(lengths.max()) if len(rows) else 0
-    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
-    if device is not None:
-        out, lengths = out.to(device), lengths.to(device)
-    return out, lengths
-
-
 def _is_token_sequence(x) -> bool:
     """A single sequence of token ids (1-D tensor or flat list of ints), as opposed to a list of them."""
     if isinstance(x, torch.Tensor):
@@ -143,7 +129,8 @@ def _candidates_tensor(
         tokens = candidates.long()
         full = torch.full(tokens.shape[:1], tokens.shape[1], dtype=torch.long, device=tokens.device)
     else:
-        tokens, full = pad_sequences(candidates, 0 if pad_token_id is None else pad_token_id, device)
+        tokens, mask = pad_rows(candidates, 0 if pad_token_id is None else pad_token_id, device=device)
+        full = mask.sum(-1)
     if lengths is not None:
         full = torch.as_tensor(lengths, dtype=torch.long, device=tokens.device)
     elif pad_token_id is not None:
@@ -177,7 +164,8 @@ def _references_tensor(
                 per_row.append(list(entry))
         n_refs = max((len(r) for r in per_row), default=1) or 1
         flat = [seq for refs in per_row for seq in refs]
-        padded, flat_len = pad_sequences(flat, 0 if pad_token_id is None else pad_token_id)
+        padded, flat_mask = pad_rows(flat, 0 if pad_token_id is None else pad_token_id)
+        flat_len = flat_mask.sum(-1)
         width = padded.shape[1]
         tokens = torch.zeros(batch, n_refs, width, dtype=torch.long)
         full = torch.zeros(batch, n_refs, dtype=torch.long)
