@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from modeling_rxt.format_rxt import IGNORE_INDEX, pad_rows
+
 from . import timing
 from .common import describe_llama, describe_rxt, llama_config_for
 
@@ -99,7 +101,6 @@ SMOKE = {
     "eval_batch_size": 4,
 }
 TARGET_DISTANCE = 3
-IGNORE_INDEX = -100
 LR_GRID = 10_000  # resolution of the Llama's time-based warmup + cosine schedule
 
 
@@ -240,14 +241,6 @@ def encode_conversation(tokenizer, row: dict, interaction_max_length: int, recal
     return ids, weights
 
 
-def _pad_right(sequences: list[list], pad_value, dtype) -> torch.Tensor:
-    length = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), length), pad_value, dtype=dtype)
-    for i, s in enumerate(sequences):
-        out[i, : len(s)] = torch.tensor(s, dtype=dtype)
-    return out
-
-
 def weighted_answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Token-weighted cross-entropy of next-token prediction; `weights[b, t]` weighs predicting token t."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
@@ -295,9 +288,8 @@ def train_llama(model, conversations: list[tuple[list[int], list[float]]], minut
             epoch_order, position = torch.randperm(len(conversations), generator=generator).tolist(), 0
         batch = [conversations[i] for i in epoch_order[position : position + batch_size]]
         position += batch_size
-        input_ids = _pad_right([ids for ids, _ in batch], pad_id, torch.long)
-        attention_mask = _pad_right([[1] * len(ids) for ids, _ in batch], 0, torch.long)
-        weights = _pad_right([w for _, w in batch], 0.0, torch.float32)
+        input_ids, attention_mask = pad_rows([ids for ids, _ in batch], pad_id)
+        weights, _ = pad_rows([w for _, w in batch], 0.0, dtype=torch.float32)
         factor = schedule(min(LR_GRID, int(elapsed / budget * LR_GRID)))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate * factor
@@ -326,16 +318,6 @@ def train_llama(model, conversations: list[tuple[list[int], list[float]]], minut
     }
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, length - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, length - len(s):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def evaluate_stateless(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int,
                        interaction_limit: int, num_examples: int = 5) -> dict[str, Any]:
@@ -345,7 +327,7 @@ def evaluate_stateless(model, tokenizer, rows: list[dict], max_new_tokens: int, 
     chat would hold), each `[BOS][Q] q [A] answer [EOS]`. Perplexity: the reference interaction of turn k
     teacher-forced after that context (cross-entropy over its answer tokens and `[EOS]`, the tokens RxT's
     evaluation scores); recall: the greedy answer to the query after that context."""
-    from modeling_rxt.tokenization_rxt import encode_interaction, special_token_ids
+    from modeling_rxt.format_rxt import encode_interaction, special_token_ids
     from trainers.evaluation import keywords_match
 
     ids = special_token_ids(tokenizer)
@@ -366,8 +348,7 @@ def evaluate_stateless(model, tokenizer, rows: list[dict], max_new_tokens: int, 
             turns = [conversations[c][k] for c in active]
             # perplexity: the reference interaction after the real history, one forward pass
             sequences = [history[c] + t["reference_ids"] for c, t in zip(active, turns)]
-            input_ids = _pad_right(sequences, pad_id, torch.long)
-            mask = _pad_right([[1] * len(s) for s in sequences], 0, torch.long)
+            input_ids, mask = pad_rows(sequences, pad_id)
             logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             ce = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # [B, T-1]
             losses = []
@@ -380,7 +361,7 @@ def evaluate_stateless(model, tokenizer, rows: list[dict], max_new_tokens: int, 
                 loss_count += row_loss.numel()
             # recall: greedy answer after the real history (the model's own earlier answers)
             prompts = [history[c] + t["prompt"] for c, t in zip(active, turns)]
-            prompt_ids, prompt_mask = _left_pad(prompts, pad_id)
+            prompt_ids, prompt_mask = pad_rows(prompts, pad_id, side="left")
             output = model.generate(prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
                                     do_sample=False, num_beams=1, eos_token_id=eos_id, pad_token_id=pad_id)
             for j, (c, t) in enumerate(zip(active, turns)):

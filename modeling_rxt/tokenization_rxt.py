@@ -66,21 +66,14 @@ from .format_rxt import (
     special_token_ids,
 )
 
+# The format names are re-exported for imports that predate format_rxt.py.
 __all__ = [
-    "BOS_TOKEN",
-    "EOS_TOKEN",
-    "PAD_TOKEN",
-    "UNK_TOKEN",
-    "MASK_TOKEN",
-    "QUERY_TOKEN",
-    "ANSWER_TOKEN",
-    "THINK_TOKEN",
-    "SPECIAL_TOKENS",
-    "RXT_CHAT_TEMPLATE",
     "build_tokenizer",
-    "special_token_ids",
-    "encode_interaction",
+    "RXT_CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
     "decode_interaction",
+    "encode_interaction",
+    "special_token_ids",
 ]
 
 

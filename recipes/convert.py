@@ -928,16 +928,8 @@ def special_token_ids(
     tokenizer_file: Path, vocab: dict[str, int], tokenizer_config: dict | None
 ) -> dict[str, int | None]:
     """This project's special-token fields, from the reference's `tokenizer_config` or the token names."""
-    names = {
-        "bos_token_id": "[BOS]",
-        "eos_token_id": "[EOS]",
-        "pad_token_id": "[PAD]",
-        "unk_token_id": "[UNK]",
-        "mask_token_id": "[MASK]",
-        "query_token_id": "[Q]",
-        "answer_token_id": "[A]",
-        "think_token_id": "[T]",
-    }
+    from modeling_rxt.format_rxt import TOKEN_FIELDS as names
+
     ids: dict[str, int | None] = {name: vocab.get(token) for name, token in names.items()}
     for name, value in (tokenizer_config or {}).items():
         if name in ids and value is not None:
@@ -956,7 +948,7 @@ def convert_tokenizer(tokenizer_file: Path, ids: dict[str, int | None], model_ma
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from modeling_rxt.tokenization_rxt import RXT_CHAT_TEMPLATE
+    from modeling_rxt.format_rxt import RXT_CHAT_TEMPLATE
 
     try:
         backend = Tokenizer.from_file(str(tokenizer_file))
