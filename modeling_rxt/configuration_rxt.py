@@ -124,7 +124,9 @@ class RxTConfig(PreTrainedConfig):
     num_hidden_layers: int = 6
     hidden_act: str = "silu"
     max_position_embeddings: int = 256
-    rope_theta: float = 10000.0
+    # RoPE in transformers' format: `{"rope_type": "default", "rope_theta": 10000.0}`. A top-level `rope_theta`
+    # (argument, or a config.json saved before this field existed) is moved in here; `config.rope_theta` reads it.
+    rope_parameters: dict | None = None
     rms_norm_eps: float = 1e-6
     # "fan_in": every Linear U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's own default) and a unit-variance
     # embedding; "normal": every weight N(0, initializer_range), as Llama. Measured on 2-turn recall (2.8M
@@ -325,6 +327,13 @@ class RxTConfig(PreTrainedConfig):
             fail("memory_pre_attention_query_heads", query, f"use between 1 and memory_attention_heads={heads}.")
         if kv <= 0 or query % kv != 0:
             fail("memory_pre_attention_key_value_heads", kv, f"key/value heads must divide {query} query heads.")
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default":
+            fail(
+                "rope_parameters",
+                self.rope_parameters,
+                "only rope_type='default' (plain RoPE with rope_theta) is implemented; remove the scaling.",
+            )
         for field in ("layer_norm_eps", "memory_norm_eps"):
             if not getattr(self, field) > 0:
                 fail(field, getattr(self, field), "it must be a positive number.")
@@ -398,6 +407,15 @@ class RxTConfig(PreTrainedConfig):
         if role in ("memory_attention", "memory_pre_attention") and self.memory_attention_output_bias is not None:
             return self.memory_attention_output_bias
         return bias
+
+    @property
+    def rope_theta(self) -> float:
+        """RoPE base (`rope_parameters["rope_theta"]`); kept readable for code written before `rope_parameters`."""
+        return (self.rope_parameters or {}).get("rope_theta", self.default_theta)
+
+    @rope_theta.setter
+    def rope_theta(self, value: float):
+        self.rope_parameters = {**(self.rope_parameters or {"rope_type": "default"}), "rope_theta": float(value)}
 
     @property
     def stm_shape(self) -> tuple[int, int, int]:
