@@ -12,6 +12,9 @@ the memory attention network writes it into a new STM. How it differs from Llama
 - during generation the STM keys/values are projected once per `generate()` call and kept in the
   cross-attention half of an `EncoderDecoderCache` (as Whisper/BART do for encoder states).
 
+transformers' own pieces do the generic work: `masking_utils` builds every attention mask and RoPE reads
+`config.rope_parameters`.
+
 The file is built bottom-up: norms and rotary helpers, attention, feed-forwards, layers, components,
 pre-trained base, `RxTModel`, `RxTForCausalLM`.
 """
@@ -25,10 +28,11 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_rxt import RxTConfig
 from .interaction_rxt import load_memory, memory_from_prompt, save_memory, stream_interaction
@@ -80,7 +84,7 @@ class RxTEncoderOutput(ModelOutput):
 
 
 # ------------------------------------------------------------------------------------------------------
-# small helpers: norm, rotary embedding, masks
+# small helpers: norm, rotary embedding, masks (the masks themselves come from transformers.masking_utils)
 
 
 class RxTRMSNorm(nn.Module):
@@ -155,31 +159,64 @@ def build_memory_norm(config: RxTConfig) -> nn.Module:
 
 
 class RotaryTables:
-    """cos / sin tables for one set of positions [B, T], computed once per head dim and shared by all layers."""
+    """cos / sin tables for one set of positions [B, T], computed once per head dim and shared by all layers.
 
-    def __init__(self, position_ids: torch.Tensor, theta: float):
+    The attention roles may split `hidden_size` into different head dims, so unlike Llama's rotary embedding (one
+    head dim) the tables are built per head dim on first use.
+    """
+
+    def __init__(self, position_ids: torch.Tensor, rotary_emb: "RxTRotaryEmbedding"):
         self.position_ids = position_ids
-        self.theta = theta
+        self.rotary_emb = rotary_emb
         self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, head_dim: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """`cos` and a signed `sin` [B, 1, T, hd]: the first half of `sin` negated (see :meth:`rotate`)."""
         key = (head_dim, dtype, device)
         if key not in self.tables:
-            exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-            inv_freq = 1.0 / (self.theta**exponents)
+            inv_freq, attention_scaling = self.rotary_emb.rope_init_fn(self.rotary_emb.config, device, head_dim=head_dim)
             freqs = self.position_ids.to(device=device, dtype=torch.float32)[..., None] * inv_freq  # [B, T, hd/2]
             cos, sin = freqs.cos(), freqs.sin()
+            if attention_scaling != 1.0:
+                cos, sin = cos * attention_scaling, sin * attention_scaling
             cos = torch.cat((cos, cos), dim=-1)[:, None]  # [B, 1, T, hd]
             sin = torch.cat((-sin, sin), dim=-1)[:, None]
             self.tables[key] = (cos.to(dtype), sin.to(dtype))
         return self.tables[key]
 
     def rotate(self, states: torch.Tensor) -> torch.Tensor:
-        """RoPE on `states` [B, H, T, hd] (halves convention): `x * cos + [x2, x1] * [-sin, sin]`, the swap of
-        halves being one `roll` (fewer ops per decoding step than split / negate / concatenate)."""
+        """RoPE on `states` [B, H, T, hd], transformers' `q * cos + rotate_half(q) * sin` (halves convention), the
+        swap of halves being one `roll` against a signed `sin` (fewer ops per decoding step, same numbers)."""
         cos, signed_sin = self.get(states.shape[-1], states.dtype, states.device)
         return states * cos + states.roll(states.shape[-1] // 2, dims=-1) * signed_sin
+
+
+class RxTRotaryEmbedding(nn.Module):
+    """Rotary position embedding from `config.rope_parameters` (transformers' format; rope_type "default").
+
+    Holds no buffer: calling it with position ids [B, T] returns their :class:`RotaryTables`, whose cos / sin are
+    computed per head dim from `compute_default_rope_parameters` (Llama's formula with the head dim of the role).
+    """
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        self.rope_init_fn = self.compute_default_rope_parameters
+
+    @staticmethod
+    def compute_default_rope_parameters(
+        config: RxTConfig, device: torch.device | None = None, head_dim: int | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies of the original RoPE for `head_dim` (default: hidden_size / num_attention_heads) and
+        the cos / sin scaling (1.0: unused by this RoPE type)."""
+        base = config.rope_parameters["rope_theta"]
+        dim = head_dim or config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    def forward(self, position_ids: torch.Tensor) -> RotaryTables:
+        return RotaryTables(position_ids, self)
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, length: int, past_length: int, device) -> torch.Tensor:
@@ -190,26 +227,14 @@ def positions_from_mask(attention_mask: torch.Tensor | None, length: int, past_l
     return positions.clamp(min=0)[:, -length:]
 
 
-def causal_mask(attention_mask: torch.Tensor | None, query_length: int, key_length: int, dtype, device) -> torch.Tensor | None:
-    """Additive mask [B or 1, 1, Tq, Tk]: query i (the last Tq of Tk positions) sees keys <= i that are not padding.
-    None for one query token that may see every key (a decoding step without padding): nothing to mask."""
-    if query_length == 1 and (attention_mask is None or bool(attention_mask.all())):
+def padding_mask_for(config: RxTConfig, queries: torch.Tensor, attention_mask: torch.Tensor | None, keys: torch.Tensor):
+    """The attention mask of `queries` [B, Tq, D] reading `keys` [B, Tk, D] of which `attention_mask` [B, Tk] marks the
+    real ones (transformers' bidirectional mask for the configured attention implementation), or None when no mask
+    was given. The encoder and memory reads use it; only the decoder's self-attention is causal."""
+    if attention_mask is None:
         return None
-    query_positions = torch.arange(key_length - query_length, key_length, device=device)
-    allowed = torch.arange(key_length, device=device)[None, :] <= query_positions[:, None]  # [Tq, Tk]
-    allowed = allowed[None, None]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :].bool()
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def padding_mask(attention_mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
-    """Additive mask [B, 1, 1, Tk] hiding padded keys, or None when nothing is padded."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    hidden = ~attention_mask[:, None, None, :].bool()
-    return torch.zeros(hidden.shape, dtype=dtype, device=attention_mask.device).masked_fill(
-        hidden, torch.finfo(dtype).min
+    return create_bidirectional_mask(
+        config=config, inputs_embeds=queries, attention_mask=attention_mask, encoder_hidden_states=keys
     )
 
 
@@ -223,7 +248,9 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, Hq, Tq, Tk]
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # a 4-D boolean mask passed in as is
+        weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+    elif attention_mask is not None:  # transformers' additive eager mask
         weights = weights + attention_mask
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
@@ -237,10 +264,11 @@ class RxTAttention(nn.Module):
     `num_heads` splits `hidden_size` into head dims; `num_query_heads` of them make queries (the output
     projection reads `num_query_heads * head_dim`, as in Sparse Query Attention) and `num_key_value_heads`
     make keys/values (GQA-style sharing). `rope` is one of "query_key" (self-attention), "query" (memory
-    cross-attention: memory is a set) or "key" (memory attention: memory slots are the queries), "none".
+    cross-attention: memory is a set) or "key" (memory attention: memory slots are the queries), "none". `causal`
+    (the decoder's self-attention) lets sdpa run its causal kernel when transformers' mask helper skips the mask.
     """
 
-    def __init__(self, config: RxTConfig, role: str, rope: str, layer_idx: int, cross: bool):
+    def __init__(self, config: RxTConfig, role: str, rope: str, layer_idx: int, cross: bool, causal: bool = False):
         super().__init__()
         num_heads, num_query_heads, num_key_value_heads = config.heads_for(role)
         self.config = config
@@ -253,7 +281,7 @@ class RxTAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.rope_query = rope in ("query_key", "query")
         self.rope_key = rope in ("query_key", "key")
-        self.is_causal = False  # causality always comes from the explicit mask
+        self.is_causal = causal
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, num_query_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
@@ -282,7 +310,7 @@ class RxTAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,  # [B, Tq, D]
         key_value_states: torch.Tensor | None = None,  # [B, Tk, D] source of a cross attention
-        attention_mask: torch.Tensor | None = None,  # additive [B, 1, Tq, Tk]
+        attention_mask: torch.Tensor | None = None,  # [B, 1, Tq, Tk] from transformers.masking_utils
         rotary: RotaryTables | None = None,  # positions of the queries (self-attention, memory cross-attention)
         key_rotary: RotaryTables | None = None,  # positions of a cross source with rotated keys (memory attention)
         past_key_values: Cache | None = None,
@@ -321,7 +349,7 @@ class RxTAttention(nn.Module):
             attention_mask,
             dropout=self.config.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            is_causal=False,
+            is_causal=self.is_causal,
         )
         return self.o_proj(output.reshape(batch, length, -1))
 
@@ -564,7 +592,9 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: RxTConfig, layer_idx: int):
         super().__init__()
         self.self_attn_norm = build_norm(config)
-        self.self_attn = RxTAttention(config, "self_attention", rope="query_key", layer_idx=layer_idx, cross=False)
+        self.self_attn = RxTAttention(
+            config, "self_attention", rope="query_key", layer_idx=layer_idx, cross=False, causal=True
+        )
         self.memory_norm = build_norm(config)
         self.cross_attn_norm = build_norm(config)
         self.memory_cross_attn = RxTAttention(
@@ -583,8 +613,8 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,  # [B, T, D]
         memory: torch.Tensor,  # [B, S, D] this layer's STM
-        attention_mask: torch.Tensor | None = None,  # additive causal [B, 1, T, Tk]
-        memory_mask: torch.Tensor | None = None,  # additive [B, 1, 1, S]
+        attention_mask: torch.Tensor | None = None,  # causal [B, 1, T, Tk] (transformers.masking_utils)
+        memory_mask: torch.Tensor | None = None,  # [B, 1, T, S]
         rotary: RotaryTables | None = None,
         token_mask: torch.Tensor | None = None,  # [B, T] for the MoE aux loss
         past_key_values: Cache | None = None,
@@ -675,7 +705,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         stm_layer: torch.Tensor,  # [B, S, D]
         stm_mean: torch.Tensor,  # [B, S, D] mean over (the group's) layers of the old STM
         encoded: torch.Tensor,  # [B, T, D]
-        encoded_mask: torch.Tensor | None = None,  # additive [B, 1, 1, T]
+        encoded_mask: torch.Tensor | None = None,  # [B, 1, S, T]
         encoded_rotary: RotaryTables | None = None,  # positions of the encoded tokens
     ) -> torch.Tensor:
         state = stm_layer
@@ -714,7 +744,8 @@ class RxTDecoder(nn.Module):
         self.layers = nn.ModuleList(RxTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         final = config.decoder_final_norm
         self.norm = nn.Identity() if final == "none" else build_norm(config, final)
-        self.rope_theta = config.rope_theta
+        self.rotary_emb = RxTRotaryEmbedding(config)
+        self.config = config
 
     def forward(
         self,
@@ -731,10 +762,19 @@ class RxTDecoder(nn.Module):
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, length, past_length, inputs_embeds.device)
-        self_mask = causal_mask(attention_mask, length, past_length + length, inputs_embeds.dtype, inputs_embeds.device)
-        memory_mask = padding_mask(memory_attention_mask, inputs_embeds.dtype)
+        # transformers' causal mask for the configured attention; the cache (4th argument: `past_key_values` up to
+        # transformers 5.23, `cache` from 5.24) sizes it. A decoding step always gets a mask: skipping it would
+        # need a host read of the padding mask (a device sync) on every step.
+        self_mask = create_causal_mask(
+            self.config,
+            inputs_embeds,
+            attention_mask,
+            getattr(past_key_values, "self_attention_cache", past_key_values),
+            allow_is_causal_skip=length > 1,
+        )
+        memory_mask = padding_mask_for(self.config, inputs_embeds, memory_attention_mask, memory[:, 0])
         token_mask = attention_mask[:, -length:] if attention_mask is not None else None
-        rotary = RotaryTables(position_ids, self.rope_theta)
+        rotary = self.rotary_emb(position_ids)
 
         hidden_states, aux_losses = inputs_embeds, []
         all_hidden = (hidden_states,) if output_hidden_states else None
@@ -765,12 +805,13 @@ class RxTEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(RxTEncoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RxTRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rope_theta = config.rope_theta
+        self.rotary_emb = RxTRotaryEmbedding(config)
+        self.config = config
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RxTEncoderOutput:
         batch, length, _ = inputs_embeds.shape
-        rotary = RotaryTables(positions_from_mask(attention_mask, length, 0, inputs_embeds.device), self.rope_theta)
-        mask = padding_mask(attention_mask, inputs_embeds.dtype)
+        rotary = self.rotary_emb(positions_from_mask(attention_mask, length, 0, inputs_embeds.device))
+        mask = padding_mask_for(self.config, inputs_embeds, attention_mask, inputs_embeds)
         hidden_states, layer_states = inputs_embeds, []
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask=mask, rotary=rotary)
@@ -787,7 +828,8 @@ class RxTMemoryAttention(nn.Module):
     def __init__(self, config: RxTConfig):
         super().__init__()
         self.layers = nn.ModuleList(RxTMemoryAttentionLayer(config, i) for i in range(config.num_hidden_layers))
-        self.rope_theta = config.rope_theta
+        self.rotary_emb = RxTRotaryEmbedding(config)
+        self.config = config
         self.groups = config.memory_interlayer_groups
         if config.stm_init_mode == "learned":
             self.initial_stm = nn.Parameter(torch.empty(config.stm_shape))
@@ -799,8 +841,8 @@ class RxTMemoryAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [B, T]
     ) -> torch.Tensor:
         length = encoded.shape[2]
-        rotary = RotaryTables(positions_from_mask(attention_mask, length, 0, encoded.device), self.rope_theta)
-        mask = padding_mask(attention_mask, encoded.dtype)
+        rotary = self.rotary_emb(positions_from_mask(attention_mask, length, 0, encoded.device))
+        mask = padding_mask_for(self.config, stm_state[:, 0], attention_mask, encoded[:, 0])  # slots read tokens
         if self.groups == 1:
             stm_means = stm_state.mean(dim=1, keepdim=True)  # [B, 1, S, D]
         else:  # groups of consecutive layers
@@ -856,9 +898,12 @@ class RxTPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.uniform_(module.bias, -bound, bound)
         elif config.init_scheme == "fan_in" and isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=1.0)  # token identity as large as a normed hidden state
-            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
-                init.zeros_(module.weight[module.padding_idx])
+            # token identity as large as a normed hidden state; the padding row zero. Built whole and written with
+            # one `init.copy_`, which leaves a weight loaded from a checkpoint untouched.
+            value = torch.empty_like(module.weight).normal_(mean=0.0, std=1.0)
+            if module.padding_idx is not None:
+                value[module.padding_idx] = 0
+            init.copy_(module.weight, value)
         else:
             super()._init_weights(module)
         if isinstance(module, RxTResidualGate):
@@ -1038,6 +1083,7 @@ class RxTModel(RxTPreTrainedModel):
             **{CACHE_FIELD: past_key_values},
         )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1059,6 +1105,8 @@ class RxTModel(RxTPreTrainedModel):
             Compute the MoE load-balancing loss (`router_aux_loss`); defaults to `self.training`.
         cache (`Cache`, *optional*):
             The name transformers >= 5.24 gives `past_key_values`; either name is accepted.
+        return_dict (`bool`, *optional*):
+            `False` returns a tuple (default `config.return_dict`).
         """
         past_key_values = pick_cache(past_key_values, cache)
         if use_cache is None:
@@ -1190,6 +1238,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         """Import an STM saved by `save_memory`; a state of another geometry is refused."""
         return load_memory(path, self)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1202,7 +1251,6 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_aux_loss: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: Cache | None = None,
         **kwargs,
@@ -1214,6 +1262,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             Next-token targets (shifted inside), `-100` ignored.
         output_router_aux_loss (`bool`, *optional*):
             Compute the MoE load-balancing loss (added to `loss`); defaults to training mode or `labels` given.
+        return_dict (`bool`, *optional*):
+            `False` returns a tuple (default `config.return_dict`).
         """
         if output_router_aux_loss is None:
             output_router_aux_loss = self.training or labels is not None
@@ -1227,6 +1277,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_router_aux_loss=output_router_aux_loss,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:

@@ -97,6 +97,12 @@ def test_old_state_dict_loads_through_load_state_dict(case):
     assert_matches("new_stm", new_stm, wanted["sdpa.new_stm"], inputs)
 
 
+def test_top_level_rope_theta_of_an_old_config_loads_into_rope_parameters():
+    config = RxTForCausalLM.from_pretrained(FIXTURE / "moe_gqa").config
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
+    assert config.rope_theta == 500.0
+
+
 @pytest.mark.parametrize("case", list(maker.CASES))
 def test_save_and_reload_keeps_every_output(case, tmp_path):
     model = RxTForCausalLM.from_pretrained(FIXTURE / case).eval()
