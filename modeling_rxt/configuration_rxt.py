@@ -166,7 +166,12 @@ class RxTConfig(PreTrainedConfig):
     num_experts: int = 12
     num_experts_per_token: int = 2
     num_shared_experts: int = 0
+    # load-balancing loss as transformers' MoE models compute it (`load_balancing_loss_func`: Switch Transformer's
+    # `E * sum_e(f_e * p_e)` over all layers' tokens, f counting every one of the top-k assignments), added to the LM
+    # loss with this weight
     router_aux_loss_coef: float = 0.01
+    # return every MoE layer's router logits (`router_logits`) and the load-balancing loss, as Mixtral does
+    output_router_logits: bool = False
     # encoder feed-forward (dense SwiGLU)
     encoder_intermediate_size: int = 384
 

@@ -12,8 +12,11 @@ the memory attention network writes it into a new STM. How it differs from Llama
 - during generation the STM keys/values are projected once per `generate()` call and kept in the
   cross-attention half of an `EncoderDecoderCache` (as Whisper/BART do for encoder states).
 
-transformers' own pieces do the generic work: `masking_utils` builds every attention mask and RoPE reads
-`config.rope_parameters`.
+transformers' own pieces do the generic work: `masking_utils` builds every attention mask, RoPE reads
+`config.rope_parameters`, the routed experts are 3-D `gate_up_proj` / `down_proj` tensors run by transformers'
+experts implementations (`@use_experts_implementation`: grouped_mm by default, `experts_implementation="eager"` /
+"batched_mm" on request), the load-balancing loss is Mixtral's `load_balancing_loss_func`, and the outputs are
+transformers' MoE output classes.
 
 The file is built bottom-up: norms and rotary helpers, attention, feed-forwards, layers, components,
 pre-trained base, `RxTModel`, `RxTForCausalLM`.
@@ -28,10 +31,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_rxt import RxTConfig
@@ -46,21 +51,32 @@ logger = logging.get_logger(__name__)
 # transformers 5.24 renamed the cache field of every model output from `past_key_values` to `cache` (and passes
 # `cache=` to `forward` during generation). The outputs below extend transformers' own classes, so they carry
 # whichever name the installed version declares; the model fills and reads it through `CACHE_FIELD`.
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass
-class RxTModelOutput(BaseModelOutputWithPast):
-    """Decoder output of [`RxTModel`]: last hidden state, self-attention + memory cache, MoE aux loss."""
+class RxTModelOutput(MoeModelOutputWithPast):
+    """Decoder output of [`RxTModel`] (transformers' `MoeModelOutputWithPast`): last hidden state, self-attention +
+    memory cache, hidden states, every MoE layer's `router_logits` (with `output_router_logits`) and, unlike
+    Mixtral's base model, the load-balancing `aux_loss` (trainers read it from the backbone's `decode`)."""
 
-    router_aux_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+
+    @property
+    def router_aux_loss(self) -> torch.FloatTensor | None:
+        """The load-balancing loss under its earlier name (`aux_loss`)."""
+        return self.aux_loss
 
 
 @dataclass
-class RxTCausalLMOutput(CausalLMOutputWithPast):
-    """Output of [`RxTForCausalLM`]. `loss` is the token cross-entropy plus `router_aux_loss_coef * router_aux_loss`."""
+class RxTCausalLMOutput(MoeCausalLMOutputWithPast):
+    """Output of [`RxTForCausalLM`] (transformers' `MoeCausalLMOutputWithPast`). `loss` is the token cross-entropy
+    plus `router_aux_loss_coef * aux_loss`."""
 
-    router_aux_loss: torch.FloatTensor | None = None
+    @property
+    def router_aux_loss(self) -> torch.FloatTensor | None:
+        """The load-balancing loss under its earlier name (`aux_loss`)."""
+        return self.aux_loss
 
 
 def output_cache(outputs: ModelOutput) -> Cache | None:
@@ -387,15 +403,150 @@ class RxTSwiGLU(nn.Module):
         return f"activation={self.activation}"
 
 
+class RxTExpertsBase(nn.Module):
+    """The routed SwiGLU experts as 3-D tensors, transformers' layout (Mixtral / Qwen-MoE): `gate_up_proj`
+    [E, 2H, D] (each expert's gate rows, then its up rows), `down_proj` [E, D, H] and, with `moe_expert_bias`,
+    `gate_up_proj_bias` [E, 2H] / `down_proj_bias` [E, D]. The subclasses below are decorated with transformers'
+    `@use_experts_implementation`, which runs `config._experts_implementation` ("grouped_mm" by default,
+    "batched_mm", ...) and this `forward` for "eager".
+
+    Checkpoints written before (one module per expert, `experts.{e}.gate_proj.weight` ...) are converted on load:
+    `from_pretrained` through the registered checkpoint conversion (which `save_pretrained` reverses, so saved
+    folders keep the per-expert layout), `load_state_dict` through :meth:`merge_per_expert_weights`.
+    """
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.decoder_intermediate_size
+        experts, dim, hidden = self.num_experts, self.hidden_dim, self.intermediate_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(experts, dim, hidden))
+        if config.moe_expert_bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(experts, 2 * hidden))
+            self.down_proj_bias = nn.Parameter(torch.empty(experts, dim))
+        self.activation = config.hidden_act
+        self.act_fn = ACTIVATIONS[config.hidden_act]
+        self.register_load_state_dict_pre_hook(RxTExpertsBase.merge_per_expert_weights)
+
+    def expert(self, index: int, states: torch.Tensor) -> torch.Tensor:
+        """Expert `index` on `states` [n, D] -> [n, D]: `down(act(gate(x)) * up(x))`."""
+        bias = hasattr(self, "gate_up_proj_bias")
+        gate, up = F.linear(
+            states, self.gate_up_proj[index], self.gate_up_proj_bias[index] if bias else None
+        ).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, self.down_proj[index], self.down_proj_bias[index] if bias else None)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """The "eager" implementation: `hidden_states` [N, D], chosen experts and weights [N, k] -> weighted sum [N, D].
+        One token (a decoding step) calls its k experts directly; more tokens are sorted by expert so that each
+        expert reads one contiguous slice. Either way the chosen experts are read on the host (a device sync on an
+        accelerator, free on CPU, where it is the fastest path): the default "grouped_mm" implementation avoids that."""
+        num_tokens, top_k = top_k_index.shape
+        if num_tokens == 1:
+            output = None
+            for slot, expert_idx in enumerate(top_k_index[0].tolist()):
+                expert_out = self.expert(expert_idx, hidden_states) * top_k_weights[:, slot, None]
+                output = expert_out if output is None else output + expert_out
+            return output
+        assigned = top_k_index.reshape(-1)  # [N * k]
+        order = assigned.argsort(stable=True)
+        counts = torch.bincount(assigned, minlength=self.num_experts).tolist()
+        routed = hidden_states[order // top_k]  # [N * k, D]
+        pieces, start = [], 0
+        for expert_idx, count in enumerate(counts):
+            if count:  # only experts that received tokens
+                pieces.append(self.expert(expert_idx, routed[start : start + count]))
+            start += count
+        weighted = torch.cat(pieces) * top_k_weights.reshape(-1)[order, None]
+        out = torch.empty_like(weighted)
+        out[order] = weighted  # back to (token, slot) order
+        return out.view(num_tokens, top_k, -1).sum(dim=1)
+
+    @staticmethod
+    def merge_per_expert_weights(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """`load_state_dict` pre-hook: per-expert weights (`{prefix}{e}.gate_proj.weight` / `up_proj` / `down_proj`,
+        and biases) stacked into the 3-D tensors, so state dicts of earlier versions load."""
+        if f"{prefix}0.gate_proj.weight" not in state_dict:
+            return
+        for kind in ("weight", "bias"):
+            if f"{prefix}0.gate_proj.{kind}" not in state_dict:
+                continue
+            gate_up, down = [], []
+            for index in range(module.num_experts):
+                names = [f"{prefix}{index}.{proj}.{kind}" for proj in ("gate_proj", "up_proj", "down_proj")]
+                if not all(name in state_dict for name in names):
+                    break  # incomplete: leave the keys for load_state_dict to report
+                gate, up, down_one = (state_dict.pop(name) for name in names)
+                gate_up.append(torch.cat([gate, up], dim=0))
+                down.append(down_one)
+            else:
+                suffix = "" if kind == "weight" else "_bias"
+                state_dict[f"{prefix}gate_up_proj{suffix}"] = torch.stack(gate_up)
+                state_dict[f"{prefix}down_proj{suffix}"] = torch.stack(down)
+
+    def extra_repr(self):
+        return (
+            f"experts={self.num_experts}, dim={self.hidden_dim}, intermediate={self.intermediate_dim}, "
+            f"activation={self.activation}, bias={hasattr(self, 'gate_up_proj_bias')}"
+        )
+
+
+@use_experts_implementation
+class RxTExperts(RxTExpertsBase):
+    """Routed experts without biases (the default)."""
+
+
+@use_experts_implementation(has_bias=True)
+class RxTBiasedExperts(RxTExpertsBase):
+    """Routed experts with biases inside (`config.moe_expert_bias`)."""
+
+
+def register_checkpoint_conversion() -> bool:
+    """Register with transformers how checkpoints written before the fused experts load: per-expert
+    `feed_forward.experts.{e}.gate_proj` / `up_proj` / `down_proj` (weights and biases) become the 3-D tensors,
+    as transformers' own Qwen2-MoE mapping does. `save_pretrained` applies the reverse, so a saved folder keeps the
+    per-expert layout (and loads with earlier versions too). False when the installed transformers has no
+    conversion registry (then only `load_state_dict` converts, through the experts' pre-hook)."""
+    try:
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+    except ImportError:
+        return False
+    experts = "feed_forward.experts"
+    mapping = []
+    for kind, suffix in (("weight", ""), ("bias", "_bias")):
+        mapping.append(
+            WeightConverter(
+                source_patterns=[f"{experts}.*.gate_proj.{kind}", f"{experts}.*.up_proj.{kind}"],
+                target_patterns=f"{experts}.gate_up_proj{suffix}",
+                operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+            )
+        )
+        mapping.append(
+            WeightConverter(
+                source_patterns=f"{experts}.*.down_proj.{kind}",
+                target_patterns=f"{experts}.down_proj{suffix}",
+                operations=[MergeModulelist(dim=0)],
+            )
+        )
+    register_checkpoint_conversion_mapping(RxTConfig.model_type, mapping, overwrite=True)
+    return True
+
+
+register_checkpoint_conversion()
+
+
 class RxTMoE(nn.Module):
     """Top-k routed SwiGLU experts (weights renormalised over the chosen k) plus optional shared experts.
 
-    Returns the output and a Switch-style load-balancing loss `E * sum_e(f_e * p_e)` (f: fraction of
-    routed assignments, p: mean router probability) over non-padding tokens; the loss is skipped (None) with
-    `output_aux_loss=False` (inference). Options other implementations use (all off by default): biases inside
-    the experts, a learned vector added to the routed sum and to the shared output, a softmax gate mixing the
-    shared experts, the weighting `k / (k + shared)` vs `shared / (k + shared)` of the two parts, and routing by
-    a softmax over all experts before the top-k (`config.moe_router_softmax="all"`).
+    Returns the output and the router logits [N, E] (`RxTModel.decode` computes the load-balancing loss from every
+    layer's logits, as transformers' MoE models do). The routed experts are transformers-style fused tensors
+    (:class:`RxTExpertsBase`). Options other implementations use (all off by default): biases inside the experts,
+    a learned vector added to the routed sum and to the shared output, a softmax gate mixing the shared experts,
+    the weighting `k / (k + shared)` vs `shared / (k + shared)` of the two parts, and routing by a softmax over all
+    experts before the top-k (`config.moe_router_softmax="all"`).
     """
 
     def __init__(self, config: RxTConfig):
@@ -407,10 +558,7 @@ class RxTMoE(nn.Module):
         self.weighted_shared = config.moe_weighted_shared_experts and self.num_shared > 0
         act = config.hidden_act
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            RxTSwiGLU(config.hidden_size, config.decoder_intermediate_size, config.moe_expert_bias, act)
-            for _ in range(config.num_experts)
-        )
+        self.experts = (RxTBiasedExperts if config.moe_expert_bias else RxTExperts)(config)
         shared_size = config.moe_shared_intermediate_size or config.decoder_intermediate_size
         self.shared_experts = nn.ModuleList(
             RxTSwiGLU(config.hidden_size, shared_size, config.moe_shared_expert_bias, act)
@@ -457,49 +605,19 @@ class RxTMoE(nn.Module):
             combined = combined * (self.num_shared / (self.top_k + self.num_shared))
         return output + combined
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, output_aux_loss: bool = True):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length, dim = x.shape
         flat = x.reshape(-1, dim)  # [N, D]
-        logits = self.router(flat)  # [N, E]
-        top_experts, top_weights = self.route(logits, flat.dtype)  # [N, k]
-
-        if flat.shape[0] == 1:  # one token (a decoding step): call its k experts directly
-            output = None
-            for slot, expert_idx in enumerate(top_experts[0].tolist()):
-                expert_out = self.experts[expert_idx](flat) * top_weights[:, slot, None]
-                output = expert_out if output is None else output + expert_out
-        else:  # sort the N * k assignments by expert: each expert reads one contiguous slice
-            assigned = top_experts.reshape(-1)  # [N * k]
-            order = assigned.argsort(stable=True)
-            token_idx = order // self.top_k  # token of each sorted assignment
-            counts = torch.bincount(assigned, minlength=self.num_experts).tolist()
-            routed = flat[token_idx]  # [N * k, D]
-            pieces, start = [], 0
-            for expert_idx, count in enumerate(counts):
-                if count:  # only experts that received tokens
-                    pieces.append(self.experts[expert_idx](routed[start : start + count]))
-                start += count
-            expert_out = torch.cat(pieces) * top_weights.reshape(-1)[order, None]
-            output = torch.zeros_like(flat).index_add_(0, token_idx, expert_out)
+        router_logits = self.router(flat)  # [N, E]
+        top_experts, top_weights = self.route(router_logits, flat.dtype)  # [N, k]
+        output = self.experts(flat, top_experts, top_weights)
         if hasattr(self, "routed_bias"):
             output = output + self.routed_bias
         output = self.shared_output(flat, output)
-        aux_loss = self.load_balancing_loss(logits, top_experts, token_mask) if output_aux_loss else None
-        return output.view(batch, length, dim), aux_loss
-
-    def load_balancing_loss(self, logits: torch.Tensor, top_experts: torch.Tensor, token_mask: torch.Tensor | None):
-        """Switch-style `E * sum_e(f_e * p_e)` over the tokens `token_mask` marks (all when None)."""
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
-        valid = torch.ones(probs.shape[0], device=probs.device) if token_mask is None else token_mask.reshape(-1).float()
-        count = valid.sum().clamp(min=1)
-        weights = valid[:, None].expand_as(top_experts).reshape(-1)
-        assigned = torch.bincount(top_experts.reshape(-1), weights=weights, minlength=self.num_experts)  # [E]
-        fraction = assigned / (count * self.top_k)
-        mean_prob = (probs * valid[:, None]).sum(0) / count
-        return self.num_experts * (fraction * mean_prob).sum()
+        return output.view(batch, length, dim), router_logits
 
     def active_parameters(self) -> int:
-        per_expert = sum(p.numel() for p in self.experts[0].parameters())
+        per_expert = sum(p.numel() for p in self.experts.parameters()) // self.num_experts
         total = sum(p.numel() for p in self.parameters())
         return total - (self.num_experts - self.top_k) * per_expert
 
@@ -616,10 +734,9 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,  # causal [B, 1, T, Tk] (transformers.masking_utils)
         memory_mask: torch.Tensor | None = None,  # [B, 1, T, S]
         rotary: RotaryTables | None = None,
-        token_mask: torch.Tensor | None = None,  # [B, T] for the MoE aux loss
         past_key_values: Cache | None = None,
-        output_aux_loss: bool = True,
-    ):
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the new hidden states and the MoE router logits [B * T, E] (None for a dense feed-forward)."""
         residual = hidden_states
         hidden_states = self.self_attn(
             self.self_attn_norm(hidden_states),
@@ -644,10 +761,10 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
 
         residual = hidden_states
         if self.is_moe:
-            hidden_states, aux_loss = self.feed_forward(self.ff_norm(hidden_states), token_mask, output_aux_loss)
+            hidden_states, router_logits = self.feed_forward(self.ff_norm(hidden_states))
         else:
-            hidden_states, aux_loss = self.feed_forward(self.ff_norm(hidden_states)), None
-        return residual + hidden_states, aux_loss
+            hidden_states, router_logits = self.feed_forward(self.ff_norm(hidden_states)), None
+        return residual + hidden_states, router_logits
 
 
 class RxTEncoderLayer(GradientCheckpointingLayer):
@@ -756,8 +873,10 @@ class RxTDecoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         output_hidden_states: bool = False,
-        output_router_aux_loss: bool = True,
-    ):
+        output_router_logits: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Final hidden states [B, T, D], every layer's input and the output (with `output_hidden_states`) and every
+        MoE layer's router logits [B * T, E] (with `output_router_logits`; None for a dense decoder)."""
         batch, length, _ = inputs_embeds.shape
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
@@ -773,31 +892,25 @@ class RxTDecoder(nn.Module):
             allow_is_causal_skip=length > 1,
         )
         memory_mask = padding_mask_for(self.config, inputs_embeds, memory_attention_mask, memory[:, 0])
-        token_mask = attention_mask[:, -length:] if attention_mask is not None else None
         rotary = self.rotary_emb(position_ids)
 
-        hidden_states, aux_losses = inputs_embeds, []
+        hidden_states, router_logits = inputs_embeds, ()
         all_hidden = (hidden_states,) if output_hidden_states else None
         for idx, layer in enumerate(self.layers):
-            hidden_states, layer_aux = layer(
+            hidden_states, layer_router_logits = layer(
                 hidden_states,
                 memory[:, idx],
                 attention_mask=self_mask,
                 memory_mask=memory_mask,
                 rotary=rotary,
-                token_mask=token_mask,
                 past_key_values=past_key_values,
-                output_aux_loss=output_router_aux_loss,
             )
-            if layer_aux is not None:
-                aux_losses.append(layer_aux)
+            if layer_router_logits is not None:
+                router_logits += (layer_router_logits,)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-        if output_router_aux_loss:  # dense layers add nothing
-            aux_loss = torch.stack(aux_losses).sum() / len(self.layers) if aux_losses else inputs_embeds.new_zeros(())
-        else:
-            aux_loss = None
-        return self.norm(hidden_states), all_hidden, aux_loss
+        router_logits = router_logits if output_router_logits and router_logits else None
+        return self.norm(hidden_states), all_hidden, router_logits
 
 
 class RxTEncoder(nn.Module):
@@ -904,6 +1017,19 @@ class RxTPreTrainedModel(PreTrainedModel):
             if module.padding_idx is not None:
                 value[module.padding_idx] = 0
             init.copy_(module.weight, value)
+        elif isinstance(module, RxTExpertsBase):  # every expert as the Linears it stacks: gate and up, down
+            pairs = [(module.gate_up_proj, getattr(module, "gate_up_proj_bias", None))]
+            pairs.append((module.down_proj, getattr(module, "down_proj_bias", None)))
+            for weight, bias in pairs:
+                if config.init_scheme == "fan_in":
+                    bound = weight.shape[-1] ** -0.5  # 1 / sqrt(fan_in), as nn.Linear
+                    init.uniform_(weight, -bound, bound)
+                    if bias is not None:
+                        init.uniform_(bias, -bound, bound)
+                else:
+                    init.normal_(weight, mean=0.0, std=config.initializer_range)
+                    if bias is not None:
+                        init.zeros_(bias)
         else:
             super()._init_weights(module)
         if isinstance(module, RxTResidualGate):
@@ -1059,14 +1185,23 @@ class RxTModel(RxTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         output_router_aux_loss: bool | None = None,
+        output_router_logits: bool | None = None,
     ) -> RxTModelOutput:
         """Run the decoder reading `memory` (no shape check on the slots: stages 1-2 pass encoder states).
-        The MoE load-balancing loss is computed in training mode or with `output_router_aux_loss=True`."""
+
+        The MoE load-balancing loss (`aux_loss`, Mixtral's `load_balancing_loss_func` over every MoE layer's router
+        logits and the unpadded tokens; 0 for a dense decoder) is computed in training mode, with
+        `output_router_aux_loss=True` or with `output_router_logits` (default `config.output_router_logits`), which
+        also returns the logits."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        hidden, all_hidden, aux_loss = self.decoder(
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if output_router_aux_loss is None:
+            output_router_aux_loss = self.training
+        hidden, all_hidden, router_logits = self.decoder(
             inputs_embeds,
             memory,
             attention_mask=attention_mask,
@@ -1074,12 +1209,24 @@ class RxTModel(RxTPreTrainedModel):
             position_ids=position_ids,
             past_key_values=past_key_values,
             output_hidden_states=output_hidden_states,
-            output_router_aux_loss=self.training if output_router_aux_loss is None else output_router_aux_loss,
+            output_router_logits=output_router_logits or output_router_aux_loss,
         )
+        aux_loss = None
+        if output_router_logits or output_router_aux_loss:
+            aux_loss = inputs_embeds.new_zeros((), dtype=torch.float32)
+            if router_logits is not None:
+                length = inputs_embeds.shape[1]
+                aux_loss = load_balancing_loss_func(
+                    router_logits,
+                    self.config.num_experts,
+                    self.config.num_experts_per_token,
+                    attention_mask[:, -length:] if attention_mask is not None else None,
+                )
         return RxTModelOutput(
             last_hidden_state=hidden,
             hidden_states=all_hidden,
-            router_aux_loss=aux_loss,
+            router_logits=router_logits if output_router_logits else None,
+            aux_loss=aux_loss,
             **{CACHE_FIELD: past_key_values},
         )
 
@@ -1094,6 +1241,7 @@ class RxTModel(RxTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
         output_router_aux_loss: bool | None = None,
         cache: Cache | None = None,
         **kwargs,
@@ -1101,8 +1249,12 @@ class RxTModel(RxTPreTrainedModel):
         r"""
         stm_state (`torch.Tensor` of shape `[batch, layers, slots, dim]`, *optional*):
             The conversation's Short-Term Memory; absent means a fresh memory (`init_memory`).
+        output_router_logits (`bool`, *optional*):
+            Return every MoE layer's router logits and the load-balancing loss (`aux_loss`); defaults to
+            `config.output_router_logits`.
         output_router_aux_loss (`bool`, *optional*):
-            Compute the MoE load-balancing loss (`router_aux_loss`); defaults to `self.training`.
+            Compute the MoE load-balancing loss (`aux_loss`) without returning the logits; defaults to
+            `self.training`.
         cache (`Cache`, *optional*):
             The name transformers >= 5.24 gives `past_key_values`; either name is accepted.
         return_dict (`bool`, *optional*):
@@ -1142,6 +1294,7 @@ class RxTModel(RxTPreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
             output_router_aux_loss=output_router_aux_loss,
+            output_router_logits=output_router_logits,
         )
 
     # --- introspection --------------------------------------------------------------------------------
@@ -1250,6 +1403,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
         output_router_aux_loss: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: Cache | None = None,
@@ -1260,8 +1414,12 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             The conversation's Short-Term Memory; absent means a fresh memory.
         labels (`torch.LongTensor` of shape `[batch, length]`, *optional*):
             Next-token targets (shifted inside), `-100` ignored.
+        output_router_logits (`bool`, *optional*):
+            Return every MoE layer's router logits and the load-balancing loss (`aux_loss`); defaults to
+            `config.output_router_logits`.
         output_router_aux_loss (`bool`, *optional*):
-            Compute the MoE load-balancing loss (added to `loss`); defaults to training mode or `labels` given.
+            Compute the MoE load-balancing loss (`aux_loss`, added to `loss` times `config.router_aux_loss_coef`);
+            defaults to training mode or `labels` given.
         return_dict (`bool`, *optional*):
             `False` returns a tuple (default `config.return_dict`).
         """
@@ -1276,6 +1434,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
             output_router_aux_loss=output_router_aux_loss,
             return_dict=True,
         )
@@ -1289,13 +1448,14 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if self.config.decoder_feed_forward == "moe" and outputs.router_aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * outputs.router_aux_loss
+            if self.config.decoder_feed_forward == "moe" and outputs.aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
         return RxTCausalLMOutput(
             loss=loss,
+            aux_loss=outputs.aux_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
-            router_aux_loss=outputs.router_aux_loss,
+            router_logits=outputs.router_logits,
             **{CACHE_FIELD: output_cache(outputs)},
         )
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import remote_env, remote_python
-from modeling_rxt import RxTConfig, RxTForCausalLM, RxTModel
+from modeling_rxt import CACHE_FIELD, RxTConfig, RxTForCausalLM, RxTModel, output_cache
 from transformers import AutoModelForCausalLM
 
 
@@ -254,37 +254,68 @@ def test_dense_decoder_feed_forward_has_no_aux_loss():
     assert torch.isfinite(out.loss)
 
 
-def test_moe_routes_top_k_and_balances():
+def test_moe_routes_top_k_and_records_router_logits():
     model = tiny_model(num_shared_experts=1)
     moe = model.model.decoder.layers[0].feed_forward
     x = torch.randn(3, 7, model.config.hidden_size)
-    out, aux = moe(x)
-    assert out.shape == x.shape and aux > 0
+    out, router_logits = moe(x)
+    assert out.shape == x.shape and router_logits.shape == (3 * 7, 4)
+    assert tuple(moe.experts.gate_up_proj.shape) == (4, 2 * 64, 32) and tuple(moe.experts.down_proj.shape) == (4, 32, 64)
     counts = model.num_parameters_by_component()
-    per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+    per_expert = 3 * 32 * 64
     layers = model.config.num_hidden_layers
     assert counts["decoder"] - counts["decoder_active"] == layers * (4 - 2) * per_expert
+    ids = random_ids(2, 6)
+    out = model(ids, output_router_logits=True)
+    assert len(out.router_logits) == layers and out.router_logits[0].shape == (2 * 6, 4)
+    assert out.aux_loss > 0 and out.router_aux_loss is out.aux_loss
 
 
-def test_moe_one_token_path_matches_the_batched_path():
-    # a decoding step (one token) calls its k experts directly; it must agree with the gather/scatter path
-    model = tiny_model(num_shared_experts=1)
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_experts_implementation_matches_a_dense_reference(implementation, bias):
+    # transformers' experts implementations (grouped_mm, the default; batched_mm) and the eager one agree with a
+    # token-by-token reference, for a decoding step (one token) and for many tokens
+    model = tiny_model(num_shared_experts=1, moe_expert_bias=bias)
+    model.set_experts_implementation(implementation)
+    assert model.config._experts_implementation == implementation
     moe = model.model.decoder.layers[0].feed_forward
+    experts = moe.experts
+    if bias:
+        with torch.no_grad():
+            experts.gate_up_proj_bias.normal_()
+            experts.down_proj_bias.normal_()
     x = torch.randn(1, 5, model.config.hidden_size)
     with torch.no_grad():
         batched, _ = moe(x)
-        one_by_one = torch.cat([moe(x[:, t : t + 1], output_aux_loss=False)[0] for t in range(5)], dim=1)
-        # reference: renormalised top-k router probabilities, dense over every expert
+        one_by_one = torch.cat([moe(x[:, t : t + 1])[0] for t in range(5)], dim=1)
+        # reference: renormalised top-k router probabilities, every expert as its own gated feed-forward
         flat = x.reshape(-1, x.shape[-1])
         probs = torch.softmax(moe.router(flat), -1)
-        weights, experts = probs.topk(moe.top_k, -1)
+        weights, chosen = probs.topk(moe.top_k, -1)
         weights = weights / weights.sum(-1, keepdim=True)
+        hidden = model.config.decoder_intermediate_size
         expected = moe.shared_experts[0](flat).clone()
         for n in range(flat.shape[0]):
-            for w, e in zip(weights[n], experts[n].tolist()):
-                expected[n] += w * moe.experts[e](flat[n])
+            for w, e in zip(weights[n], chosen[n].tolist()):
+                gate_up = experts.gate_up_proj[e] @ flat[n] + (experts.gate_up_proj_bias[e] if bias else 0)
+                inner = torch.nn.functional.silu(gate_up[:hidden]) * gate_up[hidden:]
+                expected[n] += w * (experts.down_proj[e] @ inner + (experts.down_proj_bias[e] if bias else 0))
     torch.testing.assert_close(one_by_one, batched, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(batched.reshape(-1, x.shape[-1]), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_load_balancing_loss_is_transformers_own():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    model = tiny_model()
+    ids = random_ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_router_logits=True)
+    expected = load_balancing_loss_func(out.router_logits, 4, 2, mask)
+    torch.testing.assert_close(out.aux_loss, expected)
 
 
 def test_router_aux_loss_only_when_training_or_asked():
@@ -306,8 +337,8 @@ def test_return_dict_false_returns_tuples():
         full = model(ids, labels=ids)
         as_tuple = model(ids, labels=ids, return_dict=False)
         assert isinstance(as_tuple, tuple)
-        torch.testing.assert_close(as_tuple[0], full.loss)  # loss, logits, cache, aux loss
-        torch.testing.assert_close(as_tuple[1], full.logits)
+        torch.testing.assert_close(as_tuple[0], full.loss)  # loss, aux_loss, logits, cache
+        torch.testing.assert_close(as_tuple[2], full.logits)
         backbone = model.model(ids, return_dict=False)
         assert isinstance(backbone, tuple)
         torch.testing.assert_close(backbone[0], model.model(ids).last_hidden_state)
@@ -328,6 +359,35 @@ def test_rope_parameters_replace_the_top_level_rope_theta():
     ids = random_ids(1, 8)
     logits = {theta: tiny_model(rope_theta=theta)(ids).logits for theta in (500.0, 10000.0)}
     assert not torch.allclose(logits[500.0], logits[10000.0])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_decode_step_reads_nothing_back_to_the_host(implementation, monkeypatch):
+    """One decoding step (a token with the cache of a padded batch) never reads a tensor on the host (`.item()`,
+    `.tolist()`, `bool(tensor)`, ...): on an accelerator each of those would wait for the device."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+    ids = random_ids(2, 7)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    stm = torch.randn(2, *config.stm_shape)
+    with torch.no_grad():
+        prefill = model(ids, attention_mask=mask, stm_state=stm)
+        token = prefill.logits[:, -1:].argmax(-1)
+        reads = []
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"):
+            original = getattr(torch.Tensor, name)
+
+            def record(self, *args, _name=name, _original=original, **kwargs):
+                reads.append(_name)
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, record)
+        model(token, attention_mask=torch.cat([mask, torch.ones_like(token)], 1), stm_state=stm,
+              **{CACHE_FIELD: output_cache(prefill)})
+        monkeypatch.undo()
+    assert reads == []
 
 
 def test_wrong_stm_state_raises_naming_the_expected_shape():
