@@ -1,4 +1,7 @@
-"""The shared Accelerate training loop for the supervised RxT stages (1-4).
+"""The shared Accelerate training loop for the supervised RxT stages (1-4), and the stage mixin every stage shares.
+
+[`RxTStageMixin`] (with [`LogFileCallback`]) is what every curriculum stage trainer built on `transformers.Trainer`
+adds to it: the stage history, the model card, `log.jsonl` and the saved model folder (`save_rxt_model`).
 
 Every stage trainer is a pair, TRL style: a typed config dataclass (a subclass of [`RxTTrainingConfig`]) and a
 trainer class (a subclass of [`RxTTrainer`]) that implements one method, `compute_loss(batch)`. The base class
@@ -54,11 +57,13 @@ epoch, so the resumed run sees the same data in the same order and reaches the s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -68,6 +73,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+from transformers import TrainerCallback
 
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16", "auto")
 REPORT_TO_CHOICES = ("auto", "none", "tensorboard")
@@ -291,6 +297,158 @@ def load_training_history(path: str | os.PathLike | None) -> list[dict]:
     if not isinstance(history, list):
         raise ValueError(f"{file} must hold a JSON list of stage entries, got {type(history).__name__}.")
     return history
+
+
+# ------------------------------------------------------------------------------------------------------
+# what every stage trainer shares (stages 1-4 below, MRL and RxRLHF on TRL): the stage record, log.jsonl, the folder
+
+
+LOG_FILE = "log.jsonl"
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+class LogFileCallback(TrainerCallback):
+    """Appends every logged record to ``output_dir/log.jsonl`` (main process), one JSON object a line with its
+    ``step``; the end-of-training summary (the record with ``train_loss``) is marked ``"final": true``. When a run
+    starts (or resumes at step N) the records of later steps left by an earlier run are dropped first, so the file
+    holds each step once. ``rxt train`` draws the stages' curves from these files (``recipes/plots.py``)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / LOG_FILE
+        if not state.is_world_process_zero or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= state.global_step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {**logs, "step": state.global_step}
+        if "train_loss" in logs:
+            record["final"] = True
+        path = Path(args.output_dir) / LOG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, default=str) + "\n")
+
+
+class RxTStageMixin:
+    """What turns a ``transformers.Trainer`` (or a TRL trainer) into a curriculum stage; put it first in the bases.
+
+    A stage leaves a folder the next stage and the model card build on: the (merged) weights, the tokenizer,
+    ``rxt_training_history.json`` (the previous stages' entries + this one), the RxT model card and ``log.jsonl``.
+    :meth:`save_rxt_model` writes it; :meth:`train` adds the :class:`LogFileCallback`.
+
+    The trainer sets ``stage_name`` and calls :meth:`start_stage_record` in ``__init__``; its args have
+    ``summary()`` (the hyper-parameters recorded in the history). Hooks: :meth:`stage_config`,
+    :meth:`data_description`, :meth:`save_extra_modules` (training-only modules saved beside the model),
+    :attr:`rxt_model` (the model to save) and ``rxt_state_dict_prefix`` (its key prefix in the trained module).
+    Tokens seen: the TRL stages' ``_total_train_tokens``, else transformers' ``state.num_input_tokens_seen``.
+    """
+
+    stage_name = "stage"
+    rxt_state_dict_prefix = ""
+
+    def start_stage_record(self, uses_peft: bool = False) -> None:
+        self._run_id = uuid.uuid4().hex[:12]
+        self._started = time.time()
+        self._uses_peft = bool(uses_peft)
+
+    @property
+    def rxt_model(self):
+        """The RxT model this stage trains (unwrapped from DDP / FSDP; a PEFT model as such)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def stage_config(self) -> dict[str, Any]:
+        """The hyper-parameters recorded in the stage history and the model card."""
+        return self.args.summary()
+
+    def data_description(self) -> str | None:
+        return None
+
+    def save_extra_modules(self, output_dir: str) -> None:
+        """Hook: save training-only modules next to the model (stage 1-2 writes ``mlm_head.safetensors``)."""
+
+    def history_entry(self) -> dict[str, Any]:
+        """This stage's entry in ``rxt_training_history.json`` (the model card's curriculum table)."""
+        runtime = next((r["train_runtime"] for r in reversed(self.state.log_history) if "train_runtime" in r), None)
+        loss = next((r["loss"] for r in reversed(self.state.log_history) if "loss" in r), None)
+        tokens = getattr(self, "_total_train_tokens", None) or self.state.num_input_tokens_seen or None
+        args = self.args
+        return {
+            "stage": self.stage_name,
+            "trainer": type(self).__name__,
+            "run_id": self._run_id,
+            "steps": self.state.global_step,
+            "num_processes": self.accelerator.num_processes,
+            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+            * self.accelerator.num_processes,
+            "tokens_seen": tokens,
+            "train_runtime_s": round(float(runtime if runtime is not None else time.time() - self._started), 1),
+            "final_loss": loss,
+            "config": {**self.stage_config(), "peft": self._uses_peft},
+        }
+
+    def train(self, *args, **kwargs):
+        if not any(isinstance(callback, LogFileCallback) for callback in self.callback_handler.callbacks):
+            self.add_callback(LogFileCallback())
+        return super().train(*args, **kwargs)
+
+    def save_rxt_model(self, output_dir: str | None = None, evaluation: dict | None = None,
+                       data_description: str | None = None) -> str:
+        """Save a complete RxT model folder: weights (LoRA adapters merged into a copy of the model), tokenizer,
+        ``rxt_training_history.json`` (the previous stages + this one), the README model card, ``log.jsonl`` and
+        the stage's extra modules. The folder loads with ``RxTForCausalLM.from_pretrained`` /
+        ``AutoModelForCausalLM`` (``trust_remote_code=True``) and is the starting point of a later stage. Returns
+        the folder. Every process must call it (the main process writes)."""
+        from .model_card import write_model_card
+
+        output_dir = str(output_dir or self.args.output_dir)
+        trained = self.rxt_model
+        model = copy.deepcopy(trained).merge_and_unload() if is_peft_model(trained) else trained
+        state_dict = None
+        if (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)) and model is trained:
+            full = self.accelerator.get_state_dict(self.model_wrapped)  # a collective: all processes take part
+            prefix = self.rxt_state_dict_prefix
+            state_dict = {key[len(prefix):]: value for key, value in full.items() if key.startswith(prefix)}
+        previous = getattr(trained, "rxt_training_history", None)
+        if previous is None:
+            previous = load_training_history(getattr(model.config, "name_or_path", None))
+        history = [e for e in previous if e.get("run_id") != self._run_id] + [self.history_entry()]
+        if self.accelerator.is_main_process:
+            folder = Path(output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(output_dir, state_dict=state_dict)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            (folder / HISTORY_FILE).write_text(json.dumps(history, indent=2, default=str), encoding="utf-8")
+            self.save_extra_modules(output_dir)
+            log = Path(self.args.output_dir) / LOG_FILE
+            if log.is_file():
+                if log.resolve() != (folder / LOG_FILE).resolve():
+                    shutil.copyfile(log, folder / LOG_FILE)
+            else:  # trained without `train()` of this class: the records the trainer kept
+                lines = [json.dumps(record, default=str) for record in self.state.log_history]
+                (folder / LOG_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            write_model_card(model, output_dir, stage_history=history, evaluation=evaluation,
+                             data_description=data_description or self.data_description())
+        trained.rxt_training_history = history  # a later stage in this process continues this history
+        self.accelerator.wait_for_everyone()
+        return output_dir
 
 
 def _scalar(value):
@@ -816,6 +974,9 @@ class RxTTrainer:
 
 
 __all__ = [
+    "RxTStageMixin",
+    "LogFileCallback",
+    "is_peft_model",
     "RxTTrainingConfig",
     "RxTTrainer",
     "EpochShuffleSampler",
