@@ -28,14 +28,15 @@ import torch
 from transformers import AutoTokenizer
 
 from modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
-from trainers.data import ConversationCollator, InteractionCollator, TextCollator, load_rxt_dataset
+from trainers.data import ConversationCollator, load_rxt_dataset
 from trainers.evaluation import evaluate_memory, format_evaluation_table
 
 from .plots import plot_recall, plot_training_curves
 from .recipe import Recipe, StageSpec
 
 SYNTHETIC_KEYS = ("num_conversations", "num_turns", "max_recall_distance", "seed")
-PREFERENCE_FILE = "preference_evaluation.json"  # written by an rxrlhf stage: preference accuracy before / after
+PREFERENCE_FILE = "preference_evaluation.json"
+ACCELERATE_STAGES = ("memory-attention", "smat")  # still on the hand-written loop  # written by an rxrlhf stage: preference accuracy before / after
 
 
 def log(message: str) -> None:
@@ -160,10 +161,6 @@ def build_model(recipe: Recipe, tokenizer) -> RxTForCausalLM:
 
 
 def collator_for(stage: StageSpec, data: dict, tokenizer, max_length: int):
-    if stage.trainer == "joint-lm":
-        if stage.data_kind == "pretraining":
-            return TextCollator(tokenizer, max_length=max_length)
-        return InteractionCollator(tokenizer, max_length=max_length, answer_only_loss=True)
     return ConversationCollator(tokenizer, max_length=max_length, recall_weight=data.get("recall_weight"))
 
 
@@ -174,7 +171,7 @@ def stage_folder(output_dir: Path, recipe: Recipe, stage: StageSpec) -> Path:
 def stage_args(recipe: Recipe, stage: StageSpec, folder: Path, resume: bool, num_rows: int | None):
     """The stage's trainer config; with `epochs`, max_steps covers that many passes over `num_rows` rows."""
     extra = {"seed": recipe.seed}
-    if stage.trainer not in ("mrl", "rxrlhf"):  # TRL trainers resume through train(resume_from_checkpoint=True)
+    if stage.trainer in ACCELERATE_STAGES:  # the other trainers resume through train(resume_from_checkpoint=True)
         extra["resume_from_checkpoint"] = "latest" if resume else None
     if stage.epochs is not None:
         extra["max_steps"] = stage.steps_for_epochs(num_rows)
@@ -199,10 +196,12 @@ def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Pa
         train, evaluation = stage_splits(load_stage_dataset(recipe.seed, data, stage.data_kind), data)
         args = stage_args(recipe, stage, folder, resume, len(train))
     log(f"stage {stage.name} ({stage.trainer}): {args.max_steps} steps -> {folder}")
-    if stage.trainer == "mrl":
-        trainer = stage.trainer_class(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    if stage.trainer not in ACCELERATE_STAGES:
+        trainer = stage.trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                                      processing_class=tokenizer)
         has_checkpoint = resume and any(folder.glob("checkpoint-*"))
-        trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+        metrics = trainer.train(resume_from_checkpoint=True if has_checkpoint else None).metrics
+        log(f"stage {stage.name} done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         trainer.save_rxt_model(str(folder))
         return folder
     trainer = stage.trainer_class(

@@ -83,8 +83,8 @@ TINY_MODEL = {  # the preset's structure (MoE decoder, SQA, interlayer memory at
 }
 # rows per optimizer step in the shrunk run: stage -> batch settings
 TINY_BATCHES = {
-    "joint-lm-pretraining": {"per_device_batch_size": 8},
-    "joint-sft": {"per_device_batch_size": 8},
+    "joint-lm-pretraining": {"per_device_train_batch_size": 8},
+    "joint-sft": {"per_device_train_batch_size": 8},
     "memory-attention": {"per_device_batch_size": 4},
     "smat": {"per_device_batch_size": 6},
 }

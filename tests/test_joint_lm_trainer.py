@@ -55,10 +55,10 @@ def test_joint_lm_loss_falls_on_fixed_batch(tmp_path, tiny_tokenizer):
 
     data = [{"text": t} for t in tiny_corpus(8)]
     args = JointLMConfig(
-        output_dir=str(tmp_path), max_steps=30, per_device_batch_size=8, learning_rate=5e-3, warmup_steps=1,
+        output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8, learning_rate=5e-3, warmup_steps=1,
         logging_steps=1, report_to="none", disable_tqdm=True, max_length=48,
     )
-    trainer = JointLMTrainer(_model(tiny_tokenizer), args, data, tokenizer=tiny_tokenizer)
+    trainer = JointLMTrainer(_model(tiny_tokenizer), args, train_dataset=data, processing_class=tiny_tokenizer)
     trainer.train()
     import json
 
@@ -72,14 +72,14 @@ def test_joint_lm_loss_falls_on_fixed_batch(tmp_path, tiny_tokenizer):
 
 def test_sft_mode_ignores_prefix_tokens(tmp_path, tiny_tokenizer):
     examples = [{"query": "Where does Ann live?", "answer": "Ann lives in Paris."}] * 4
-    args = JointLMConfig(output_dir=str(tmp_path), mode="sft", max_steps=1, per_device_batch_size=4,
+    args = JointLMConfig(output_dir=str(tmp_path), mode="sft", max_steps=1, per_device_train_batch_size=4,
                          report_to="none", disable_tqdm=True, max_length=48, mlm_probability=0.0)
-    trainer = JointLMTrainer(_model(tiny_tokenizer), args, examples, tokenizer=tiny_tokenizer)
+    trainer = JointLMTrainer(_model(tiny_tokenizer), args, train_dataset=examples, processing_class=tiny_tokenizer)
     assert trainer.stage_name == "joint-sft"
     assert isinstance(trainer.data_collator, InteractionCollator) and trainer.data_collator.answer_only_loss
     batch = trainer.data_collator(examples)
-    trainer._seed_generator(0, 0)
-    _, reference, _ = trainer.compute_loss(batch)
+    trainer.seed_generator(0, 0)
+    _, reference, _ = trainer.model(batch)  # the stage module's forward: (loss, metrics, tokens)
 
     # changing the labels on prefix positions (-100 there) is irrelevant; changing the prefix *tokens'*
     # labels to real ids would change the loss, so the loss only sees answer tokens
@@ -87,12 +87,12 @@ def test_sft_mode_ignores_prefix_tokens(tmp_path, tiny_tokenizer):
     query_length = int(batch["query_length"][0])
     assert not answer[:, :query_length].any() and answer[:, query_length:].any()
     full = dict(batch, labels=torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100))
-    trainer._seed_generator(0, 0)
-    _, with_prefix, _ = trainer.compute_loss(full)
+    trainer.seed_generator(0, 0)
+    _, with_prefix, _ = trainer.model(full)
     assert with_prefix["decoder_loss"] != pytest.approx(reference["decoder_loss"])
 
     # the answer-only decoder loss equals a CE computed by hand on answer positions
-    model = trainer.model
+    model = trainer.rxt_model
     with torch.no_grad():
         encoded = model.model.encode(batch["input_ids"], batch["attention_mask"])  # no masking (p=0)
         hidden = model.model.decode(encoded.layer_states, input_ids=batch["input_ids"],
@@ -106,12 +106,13 @@ def test_sft_mode_ignores_prefix_tokens(tmp_path, tiny_tokenizer):
 
 def test_slot_dropout_and_noise_change_memory(tmp_path, tiny_tokenizer):
     examples = [{"text": "Ann has a red kite."}] * 4
-    base = dict(output_dir=str(tmp_path), max_steps=1, per_device_batch_size=4, report_to="none",
+    base = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
                 disable_tqdm=True, max_length=48)
-    plain = JointLMTrainer(_model(tiny_tokenizer), JointLMConfig(**base), examples, tokenizer=tiny_tokenizer)
+    plain = JointLMTrainer(_model(tiny_tokenizer), JointLMConfig(**base), train_dataset=examples,
+                           processing_class=tiny_tokenizer)
     noisy = JointLMTrainer(_model(tiny_tokenizer), JointLMConfig(**base, memory_noise_std=1.0, memory_slot_dropout=0.5),
-                           examples, tokenizer=tiny_tokenizer)
+                           train_dataset=examples, processing_class=tiny_tokenizer)
     batch = plain.data_collator(examples)
-    plain._seed_generator(0, 0)
-    noisy._seed_generator(0, 0)
-    assert plain.compute_loss(batch)[1]["decoder_loss"] != pytest.approx(noisy.compute_loss(batch)[1]["decoder_loss"])
+    plain.seed_generator(0, 0)
+    noisy.seed_generator(0, 0)
+    assert plain.model(batch)[1]["decoder_loss"] != pytest.approx(noisy.model(batch)[1]["decoder_loss"])

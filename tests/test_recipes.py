@@ -19,8 +19,8 @@ TINY_RECIPE = {
     "tokenizer": {"vocab_size": 400},
     "model": {"preset": "rxt-tiny", "overrides": {"max_position_embeddings": 96, "stm_size": 8}},
     "stages": [
-        {"name": "pretrain", "trainer": "joint-lm", "config": {"mode": "pretraining", "max_steps": 2, "per_device_batch_size": 4, "max_length": 96}},
-        {"name": "sft", "trainer": "joint-lm", "config": {"mode": "sft", "max_steps": 2, "per_device_batch_size": 4, "max_length": 48}},
+        {"name": "pretrain", "trainer": "joint-lm", "config": {"mode": "pretraining", "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 96}},
+        {"name": "sft", "trainer": "joint-lm", "config": {"mode": "sft", "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 48}},
         {"name": "memory", "trainer": "memory-attention", "config": {"max_steps": 2, "per_device_batch_size": 4, "max_length": 48}},
         {
             "name": "smat",
@@ -217,7 +217,7 @@ def test_epochs_set_the_stage_length_from_the_data_size():
     recipe = parse_recipe(with_changes(lambda r: (
         r["stages"][1].update(epochs=1.5),
         r["stages"][1]["config"].pop("max_steps"),
-        r["stages"][1]["config"].update(per_device_batch_size=4, gradient_accumulation_steps=2),
+        r["stages"][1]["config"].update(per_device_train_batch_size=4, gradient_accumulation_steps=2),
         r["stages"][4].update(epochs=2),
         r["stages"][4]["config"].pop("max_steps"),
     )))

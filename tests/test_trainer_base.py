@@ -1,4 +1,5 @@
-"""The shared Accelerate loop: config validation, logs, resume equivalence, save_model + card, 2-process launch."""
+"""The stage trainer base on transformers.Trainer: args validation, schedule, logs, resume equivalence, the saved
+model folder + card, 2-process launch."""
 
 import json
 import os
@@ -15,7 +16,9 @@ from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import special_token_ids
 from trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
 from trainers.model_card import render_model_card
-from trainers.trainer_base import RxTTrainingConfig, find_latest_checkpoint, warmup_cosine_lambda
+from transformers import get_scheduler
+from transformers.trainer_utils import get_last_checkpoint
+from trainers.trainer_base import RxTTrainingArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +47,7 @@ def _args(tmp_path, name="run", **overrides):
     values = dict(
         output_dir=str(tmp_path / name),
         max_steps=6,
-        per_device_batch_size=4,
+        per_device_train_batch_size=4,
         learning_rate=3e-3,
         logging_steps=1,
         report_to="none",
@@ -62,18 +65,18 @@ def _args(tmp_path, name="run", **overrides):
     [
         ("max_steps", 0),
         ("learning_rate", -1.0),
-        ("mixed_precision", "fp8"),
-        ("report_to", "wandb"),
-        ("adam_betas", (0.9,)),
-        ("warmup_ratio", 1.5),
+        ("per_device_train_batch_size", 0),
+        ("adam_beta2", 1.5),
+        ("warmup_steps", -0.5),
         ("gradient_accumulation_steps", 0),
         ("save_steps", 0),
-        ("max_time_minutes", -2),
+        ("max_length", 0),
+        ("weight_decay", -0.1),
     ],
 )
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError) as error:
-        RxTTrainingConfig(**{field: value})
+        RxTTrainingArguments(**{field: value})
     assert field in str(error.value) and repr(value) in str(error.value)
 
 
@@ -85,33 +88,35 @@ def test_joint_config_validation():
 
 
 def test_warmup_cosine_schedule():
-    factor = warmup_cosine_lambda(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    assert factor(0) == pytest.approx(0.1)
-    assert factor(9) == pytest.approx(1.0)
-    assert factor(10) == pytest.approx(1.0)
-    assert factor(100) == pytest.approx(0.1)
-    assert factor(55) == pytest.approx(0.55)
+    """The default schedule is transformers' cosine_with_min_lr: linear warmup, cosine down to 10% of the peak."""
+    args = RxTTrainingArguments(max_steps=100, warmup_steps=10, learning_rate=1.0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(100),
+                              num_training_steps=100, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    factor = [scheduler.lr_lambdas[0](step) for step in range(101)]
+    assert factor[5] == pytest.approx(0.5)
+    assert factor[10] == pytest.approx(1.0)
+    assert factor[100] == pytest.approx(0.1)
+    assert factor[55] == pytest.approx(0.55)
+    assert RxTTrainingArguments(max_steps=100).get_warmup_steps(100) == 5  # default warmup: 5% of the steps
 
 
 def test_resume_equivalence_and_jsonl_log(tmp_path, tiny_tokenizer):
     data = _texts(16)  # 4 batches per epoch: the 6 steps cross an epoch boundary
     # uninterrupted run, checkpoints every 3 steps
-    full = JointLMTrainer(_model(tiny_tokenizer), _args(tmp_path, "full", save_steps=3), data, tokenizer=tiny_tokenizer)
+    full = JointLMTrainer(_model(tiny_tokenizer), _args(tmp_path, "full", save_steps=3), train_dataset=data,
+                          processing_class=tiny_tokenizer)
     full.train()
-    assert full.global_step == 6
-    assert find_latest_checkpoint(str(tmp_path / "full")).endswith("step-6")
+    assert full.state.global_step == 6
+    assert get_last_checkpoint(str(tmp_path / "full")).endswith("checkpoint-6")
 
     # a fresh trainer (different init) resumes from step 3 and runs to 6
-    resumed = JointLMTrainer(
-        _model(tiny_tokenizer, seed=123),
-        _args(tmp_path, "resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoints" / "step-3")),
-        data,
-        tokenizer=tiny_tokenizer,
-    )
-    resumed.train()
-    assert resumed.global_step == 6
-    full_state = full.accelerator.unwrap_model(full.training_module).state_dict()
-    resumed_state = resumed.accelerator.unwrap_model(resumed.training_module).state_dict()
+    resumed = JointLMTrainer(_model(tiny_tokenizer, seed=123), _args(tmp_path, "resumed"), train_dataset=data,
+                             processing_class=tiny_tokenizer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert resumed.state.global_step == 6
+    full_state = full.model.state_dict()  # the stage module: the model and the MLM head
+    resumed_state = resumed.model.state_dict()
     assert full_state.keys() == resumed_state.keys()
     for key in full_state:
         assert torch.allclose(full_state[key], resumed_state[key], atol=1e-6), key
@@ -119,7 +124,8 @@ def test_resume_equivalence_and_jsonl_log(tmp_path, tiny_tokenizer):
     records = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and not r.get("final")]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
-    for key in ("step", "loss", "lr", "tokens_per_s", "elapsed_s", "mlm_loss", "decoder_loss", "aux_loss", "decoder_accuracy"):
+    for key in ("step", "loss", "learning_rate", "train_tokens_per_second", "train_runtime", "num_input_tokens_seen",
+                "mlm_loss", "decoder_loss", "aux_loss", "decoder_accuracy"):
         assert key in steps[0], key
     resumed_steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert resumed_steps[0] == 4
@@ -127,16 +133,17 @@ def test_resume_equivalence_and_jsonl_log(tmp_path, tiny_tokenizer):
 
 def test_save_model_writes_card_and_history(tmp_path, tiny_tokenizer):
     data = _texts(8)
-    trainer = JointLMTrainer(_model(tiny_tokenizer), _args(tmp_path, max_steps=2), data, eval_dataset=data, tokenizer=tiny_tokenizer)
-    results = trainer.train()
+    trainer = JointLMTrainer(_model(tiny_tokenizer), _args(tmp_path, max_steps=2), train_dataset=data, eval_dataset=data,
+                             processing_class=tiny_tokenizer)
+    results = trainer.train().metrics
     assert "eval_loss" in results and "eval_decoder_accuracy" in results
-    out = Path(trainer.save_model(str(tmp_path / "stage1")))
+    out = Path(trainer.save_rxt_model(str(tmp_path / "stage1")))
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "rxt_training_history.json", "mlm_head.safetensors"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlicense: apache-2.0")
     assert "library_name: transformers" in card and "reactive-transformer" in card
-    total = trainer.model.num_parameters_by_component()["total"]
+    total = trainer.rxt_model.num_parameters_by_component()["total"]
     assert f"| total | {total:,} |" in card
     assert "| 1 | joint-lm-pretraining | 2 |" in card
     assert "patent" in card and "trust_remote_code=True" in card
@@ -144,9 +151,10 @@ def test_save_model_writes_card_and_history(tmp_path, tiny_tokenizer):
     # a later stage loaded from the folder appends to the history, and the card lists both stages
     model = RxTForCausalLM.from_pretrained(str(out))
     sft_data = [{"query": "Where does Ann live?", "answer": "Ann lives in Paris."}] * 8
-    stage2 = JointLMTrainer(model, _args(tmp_path, "s2", max_steps=1, mode="sft"), sft_data, tokenizer=tiny_tokenizer)
+    stage2 = JointLMTrainer(model, _args(tmp_path, "s2", max_steps=1, mode="sft"), train_dataset=sft_data,
+                            processing_class=tiny_tokenizer)
     stage2.train()
-    out2 = Path(stage2.save_model(str(tmp_path / "stage2"), evaluation={"recall_accuracy": {1: 0.8}, "recall_accuracy_no_memory": {1: 0.05}, "perplexity": 3.2}))
+    out2 = Path(stage2.save_rxt_model(str(tmp_path / "stage2"), evaluation={"recall_accuracy": {1: 0.8}, "recall_accuracy_no_memory": {1: 0.05}, "perplexity": 3.2}))
     history = json.loads((out2 / "rxt_training_history.json").read_text())
     assert [h["stage"] for h in history] == ["joint-lm-pretraining", "joint-sft"]
     assert history[1]["config"]["mode"] == "sft"
@@ -180,18 +188,19 @@ def test_two_process_launch(tmp_path):
         tok = build_tokenizer(tiny_corpus(), vocab_size=400, min_frequency=2, model_max_length=128)
         torch.manual_seed(0)
         model = RxTForCausalLM(RxTConfig.from_preset("rxt-tiny", vocab_size=len(tok), **special_token_ids(tok)))
-        args = JointLMConfig(output_dir={str(tmp_path / 'out')!r}, max_steps=3, per_device_batch_size=4,
+        args = JointLMConfig(output_dir={str(tmp_path / 'out')!r}, max_steps=3, per_device_train_batch_size=4,
                              logging_steps=1, report_to="none", disable_tqdm=True, max_length=48, save_steps=3)
-        trainer = JointLMTrainer(model, args, [{{"text": t}} for t in tiny_corpus(32)], tokenizer=tok)
+        trainer = JointLMTrainer(model, args, train_dataset=[{{"text": t}} for t in tiny_corpus(32)],
+                                 processing_class=tok)
         assert trainer.accelerator.num_processes == 2
         trainer.train()
-        # DDP kept the replicas identical
-        flat = torch.cat([p.detach().reshape(-1) for p in trainer.training_module.parameters()])
+        # DDP kept the replicas identical (the stage module: model and MLM head)
+        flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
         gathered = trainer.accelerator.gather(flat[None])
         assert torch.allclose(gathered[0], gathered[1]), "replicas diverged"
-        trainer.save_model()
+        trainer.save_rxt_model()
         if trainer.accelerator.is_main_process:
-            print("TWO_PROCESS_OK", trainer.global_step)
+            print("TWO_PROCESS_OK", trainer.state.global_step)
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
     # `accelerate launch --cpu --num_processes 2` needs mpirun for multi-CPU; without MPI the same Accelerate

@@ -11,8 +11,9 @@ decoder before any memory is trained; the detach keeps the decoder's loss from s
 - `mode="sft"` (stage 2): single interactions `[BOS][Q] query [A] answer [EOS]`, decoder loss on the answer
   tokens only (`InteractionCollator`; its `loss_weights`, e.g. recall answers x3, are honoured).
 
-Multi-GPU, FSDP and DeepSpeed need no code change: launch the same script with `accelerate launch` after
-`accelerate config` (see `trainers.trainer_base`).
+[`JointLMObjective`] is the stage module (its `forward(batch)` returns the loss), [`JointLMTrainer`] the
+`transformers.Trainer` that trains it ([`~trainers.trainer_base.RxTStageTrainer`]); multi-GPU, FSDP and DeepSpeed
+need no code change (see `trainers.trainer_base`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mlm_head import MLM_HEAD_FILE, RxTMLMHead, mask_tokens, mlm_loss
-from .trainer_base import RxTTrainer, RxTTrainingConfig
+from .trainer_base import RxTStageModule, RxTStageTrainer, RxTTrainingArguments, StageOutput
 
 JOINT_LM_MODES = ("pretraining", "sft")
 
 
 @dataclass
-class JointLMConfig(RxTTrainingConfig):
-    """[`RxTTrainingConfig`] plus the joint LM loss settings of stages 1-2."""
+class JointLMConfig(RxTTrainingArguments):
+    """[`RxTTrainingArguments`] plus the joint LM loss settings of stages 1-2."""
 
     mode: str = field(
         default="pretraining",
@@ -52,8 +53,6 @@ class JointLMConfig(RxTTrainingConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-
         def fail(name, value, fix):
             raise ValueError(f"{type(self).__name__}.{name}={value!r} is invalid: {fix}")
 
@@ -71,80 +70,27 @@ class JointLMConfig(RxTTrainingConfig):
             fail("decoder_loss_weight", 0, "mlm_loss_weight and decoder_loss_weight cannot both be 0.")
         if not isinstance(self.save_mlm_head, bool):
             fail("save_mlm_head", self.save_mlm_head, "it must be True or False.")
+        super().__post_init__()
 
 
-class JointLMTrainer(RxTTrainer):
-    """Joint LM pre-training (stage 1) and joint interaction SFT (stage 2) of an RxT.
+class JointLMObjective(RxTStageModule):
+    """The stage 1-2 module: the RxT model and the MLM head; `forward(batch)` is the joint loss.
 
-    Example:
-
-    ```python
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
-    >>> from modeling_rxt.tokenization_rxt import build_tokenizer, special_token_ids
-    >>> from trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
-    >>> from trainers.synthetic_data import build_synthetic_dataset
-    >>> data = build_synthetic_dataset("interaction-sft", num_conversations=50)
-    >>> tokenizer = build_tokenizer([r["query"] + " " + r["answer"] for r in data["train"]], vocab_size=512)
-    >>> config = RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer), **special_token_ids(tokenizer))
-    >>> model = RxTForCausalLM(config)
-    >>> args = JointLMConfig(output_dir="/tmp/rxt-sft", mode="sft", max_steps=5, per_device_batch_size=8,
-    ...                      max_length=64, report_to="none", disable_tqdm=True)
-    >>> trainer = JointLMTrainer(model, args, train_dataset=data["train"], eval_dataset=data["validation"],
-    ...                          tokenizer=tokenizer)
-    >>> metrics = trainer.train()
-    >>> path = trainer.save_model()  # model.safetensors, tokenizer, README.md card, mlm_head.safetensors
-    ```
+    The encoder reads the BERT-masked sequence (MLM loss through the head); the decoder reads the unmasked
+    sequence causally with the detached encoder layer states as its memory (noised and slot-dropped as the args
+    say); loss = `mlm_loss_weight` x MLM + `decoder_loss_weight` x decoder CE (weighted by `loss_weights` when the
+    collator gives them) + the MoE router auxiliary loss.
     """
 
-    config_class = JointLMConfig
-    stage_name = "joint-lm-pretraining"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        args: JointLMConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        tokenizer=None,
-        data_collator=None,
-        mlm_head: RxTMLMHead | None = None,
-    ):
-        args = args if args is not None else JointLMConfig()
-        if isinstance(args, JointLMConfig):
-            self.stage_name = "joint-sft" if args.mode == "sft" else "joint-lm-pretraining"
-        if mlm_head is None:
-            source = getattr(getattr(model, "config", None), "name_or_path", None)
-            try:
-                mlm_head = RxTMLMHead.from_directory(source, model.config) if source else None
-            except ValueError:
-                mlm_head = None
-        self.mlm_head = mlm_head if mlm_head is not None else RxTMLMHead(model.config)
-        self.mlm_head.to(next(model.parameters()).device)
+    def __init__(self, model: nn.Module, args: JointLMConfig, mlm_head: RxTMLMHead):
+        super().__init__(model, args)
+        self.mlm_head = mlm_head
         config = model.config
         if config.mask_token_id is None:
             raise ValueError("model.config.mask_token_id is None; set it from the tokenizer (special_token_ids).")
         self._special_ids = [getattr(config, name) for name in config.special_token_fields()]
-        super().__init__(model, args, train_dataset, eval_dataset, tokenizer, data_collator)
 
-    def extra_modules(self) -> dict[str, nn.Module]:
-        return {"mlm_head": self.mlm_head}
-
-    def default_data_collator(self):
-        from .data import InteractionCollator, TextCollator
-
-        if self.tokenizer is None:
-            return None
-        columns = getattr(self.train_dataset, "column_names", None)
-        if columns is None and len(self.train_dataset) > 0:
-            columns = list(self.train_dataset[0])
-        columns = set(columns or [])
-        if self.args.mode == "pretraining" and "text" in columns:
-            return TextCollator(self.tokenizer, max_length=self.args.max_length)
-        return InteractionCollator(
-            self.tokenizer, max_length=self.args.max_length, answer_only_loss=self.args.mode == "sft"
-        )
-
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
+    def forward(self, batch: dict) -> StageOutput:
         args, config = self.args, self.model.config
         input_ids = batch["input_ids"]  # [B, T]
         attention_mask = batch.get("attention_mask")
@@ -171,11 +117,11 @@ class JointLMTrainer(RxTTrainer):
         # decoder: reads the detached encoder layer states as memory [B, L, T, D]
         memory = encoded.layer_states.detach()
         if args.memory_noise_std > 0:
-            noise = torch.randn(memory.shape, generator=self.generator, device=self._rand_device(memory))
+            noise = torch.randn(memory.shape, generator=self.generator, device=self.random_device(memory))
             memory = memory + args.memory_noise_std * noise.to(memory.device, memory.dtype)
         memory_mask = attention_mask.bool()
         if args.memory_slot_dropout > 0:
-            keep = torch.rand(memory_mask.shape, generator=self.generator, device=self._rand_device(memory))
+            keep = torch.rand(memory_mask.shape, generator=self.generator, device=self.random_device(memory))
             dropped = memory_mask & (keep.to(memory_mask.device) >= args.memory_slot_dropout)
             # never hide every slot of a row
             memory_mask = torch.where(dropped.any(-1, keepdim=True), dropped, memory_mask)
@@ -214,15 +160,79 @@ class JointLMTrainer(RxTTrainer):
             "aux_loss": aux.detach().float().item(),
             "decoder_accuracy": accuracy.item(),
         }
-        return loss, metrics, int(attention_mask.sum().item())
+        return StageOutput(loss, metrics, int(attention_mask.sum().item()))
 
-    def _rand_device(self, tensor: torch.Tensor):
-        return self.generator.device if self.generator is not None else tensor.device
+
+class JointLMTrainer(RxTStageTrainer):
+    """Joint LM pre-training (stage 1) and joint interaction SFT (stage 2) of an RxT, on `transformers.Trainer`.
+
+    The MLM head is `mlm_head`, else the one saved beside the model (`mlm_head.safetensors` in the folder it was
+    loaded from), else a new one; it trains and is checkpointed with the model, and `save_rxt_model` writes it
+    beside the model (`save_mlm_head`). The default collator: `TextCollator` for `mode="pretraining"` on a `text`
+    column, else `InteractionCollator` (answer-only labels for `mode="sft"`).
+
+    Example:
+
+    ```python
+    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from modeling_rxt.tokenization_rxt import build_tokenizer, special_token_ids
+    >>> from trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
+    >>> from trainers.synthetic_data import build_synthetic_dataset
+    >>> data = build_synthetic_dataset("interaction-sft", num_conversations=50)
+    >>> tokenizer = build_tokenizer([r["query"] + " " + r["answer"] for r in data["train"]], vocab_size=512)
+    >>> config = RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer), **special_token_ids(tokenizer))
+    >>> model = RxTForCausalLM(config)
+    >>> args = JointLMConfig(output_dir="/tmp/rxt-sft", mode="sft", max_steps=5, per_device_train_batch_size=8,
+    ...                      max_length=64, report_to="none", disable_tqdm=True)
+    >>> trainer = JointLMTrainer(model, args, train_dataset=data["train"], eval_dataset=data["validation"],
+    ...                          processing_class=tokenizer)
+    >>> metrics = trainer.train().metrics
+    >>> path = trainer.save_rxt_model()  # model.safetensors, tokenizer, README.md card, mlm_head.safetensors
+    ```
+    """
+
+    args_class = JointLMConfig
+    stage_name = "joint-lm-pretraining"
+
+    def __init__(self, model: nn.Module, args: JointLMConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, mlm_head: RxTMLMHead | None = None, **kwargs):
+        args = args if args is not None else JointLMConfig()
+        if isinstance(args, JointLMConfig):
+            self.stage_name = "joint-sft" if args.mode == "sft" else "joint-lm-pretraining"
+        self._given_mlm_head = mlm_head
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+
+    def build_stage_module(self, model: nn.Module, args: JointLMConfig) -> JointLMObjective:
+        head = self._given_mlm_head
+        if head is None:
+            source = getattr(getattr(model, "config", None), "name_or_path", None)
+            try:
+                head = RxTMLMHead.from_directory(source, model.config) if source else None
+            except ValueError:
+                head = None
+        head = head if head is not None else RxTMLMHead(model.config)
+        head.to(next(model.parameters()).device)
+        return JointLMObjective(model, args, head)
+
+    @property
+    def mlm_head(self) -> RxTMLMHead:
+        return self.stage_module.mlm_head
+
+    def default_data_collator(self, args, processing_class, train_dataset):
+        from .data import InteractionCollator, TextCollator
+
+        if processing_class is None:
+            return None
+        columns = getattr(train_dataset, "column_names", None)
+        if columns is None and len(train_dataset) > 0:
+            columns = list(train_dataset[0])
+        if args.mode == "pretraining" and "text" in set(columns or []):
+            return TextCollator(processing_class, max_length=args.max_length)
+        return InteractionCollator(processing_class, max_length=args.max_length, answer_only_loss=args.mode == "sft")
 
     def save_extra_modules(self, output_dir: str) -> None:
         if self.args.save_mlm_head:
-            head = self.accelerator.unwrap_model(self.training_module).extras["mlm_head"]
-            head.save(output_dir)
+            self.mlm_head.save(output_dir)
 
 
-__all__ = ["JointLMConfig", "JointLMTrainer", "JOINT_LM_MODES", "MLM_HEAD_FILE"]
+__all__ = ["JointLMConfig", "JointLMObjective", "JointLMTrainer", "JOINT_LM_MODES", "MLM_HEAD_FILE"]
