@@ -36,7 +36,7 @@ from .recipe import Recipe, StageSpec
 
 SYNTHETIC_KEYS = ("num_conversations", "num_turns", "max_recall_distance", "seed")
 PREFERENCE_FILE = "preference_evaluation.json"
-ACCELERATE_STAGES = ("memory-attention", "smat")  # still on the hand-written loop  # written by an rxrlhf stage: preference accuracy before / after
+ACCELERATE_STAGES = ("smat",)  # still on the hand-written loop  # written by an rxrlhf stage: preference accuracy before / after
 
 
 def log(message: str) -> None:

@@ -85,7 +85,7 @@ TINY_MODEL = {  # the preset's structure (MoE decoder, SQA, interlayer memory at
 TINY_BATCHES = {
     "joint-lm-pretraining": {"per_device_train_batch_size": 8},
     "joint-sft": {"per_device_train_batch_size": 8},
-    "memory-attention": {"per_device_batch_size": 4},
+    "memory-attention": {"per_device_train_batch_size": 4},
     "smat": {"per_device_batch_size": 6},
 }
 
@@ -139,7 +139,7 @@ def test_alpha_micro_recipe_is_the_cards_curriculum():
     assert (config.first_step_new_data_weight, config.step_decay_start, config.step_decay, config.weight_jitter) == (
         0.9, 0.5, 0.05, 0.15)
     assert config.input_noise_std > 0 and config.label_noise_std > 0 and config.max_length == 256
-    assert memory.steps_for_epochs(13890) == math.ceil(13890 / config.per_device_batch_size)
+    assert memory.steps_for_epochs(13890) == math.ceil(13890 / config.per_device_train_batch_size)
     # stage 4: gradual unfreezing, decoder -> + memory attention -> + encoder, one epoch each
     smat = recipe.stage("smat")
     schedule = smat.build_config(output_dir="unused").unfreeze_schedule

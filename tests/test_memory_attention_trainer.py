@@ -126,26 +126,26 @@ def test_trains_only_memory_attention_and_loss_falls(tiny_tokenizer, tmp_path):
     model = tiny_model(tiny_tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = MemoryAttentionConfig(
-        output_dir=str(tmp_path), max_steps=12, per_device_batch_size=4, learning_rate=5e-3, warmup_steps=1,
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=5e-3, warmup_steps=1,
         logging_steps=1, report_to="none", disable_tqdm=True, max_length=48,
         weight_jitter=0.0, input_noise_std=0.0, label_noise_std=0.0,
     )
     from datasets import Dataset
 
-    trainer = MemoryAttentionTrainer(model, args, Dataset.from_list(rows), tokenizer=tiny_tokenizer,
+    trainer = MemoryAttentionTrainer(model, args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer,
                                      data_collator=collator)
     assert all(p.requires_grad == n.startswith("model.memory_attention.") for n, p in model.named_parameters())
     batch = collator(rows)
     model.eval()
     with torch.no_grad():
-        first, metrics, tokens = trainer.compute_loss(batch)
+        first, metrics, tokens = trainer.model(batch)  # the stage module's forward: (loss, metrics, tokens)
     assert tokens == int(batch["attention_mask"].sum())
     assert {"cosine", "stm_norm", "cosine_turn_0", "cosine_turn_2"} <= set(metrics)
     assert metrics["new_data_weight_turn_0"] == pytest.approx(0.9)
     trainer.train()
     model.eval()
     with torch.no_grad():
-        last, _, _ = trainer.compute_loss(batch)
+        last, _, _ = trainer.model(batch)
     assert float(last) < float(first) - 0.1, (float(first), float(last))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and all(n.startswith("model.memory_attention.") for n in changed)

@@ -21,7 +21,7 @@ TINY_RECIPE = {
     "stages": [
         {"name": "pretrain", "trainer": "joint-lm", "config": {"mode": "pretraining", "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 96}},
         {"name": "sft", "trainer": "joint-lm", "config": {"mode": "sft", "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 48}},
-        {"name": "memory", "trainer": "memory-attention", "config": {"max_steps": 2, "per_device_batch_size": 4, "max_length": 48}},
+        {"name": "memory", "trainer": "memory-attention", "config": {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 48}},
         {
             "name": "smat",
             "trainer": "smat",

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .trainer_base import RxTTrainer, RxTTrainingConfig
+from .trainer_base import RxTStageModule, RxTStageTrainer, RxTTrainingArguments, StageOutput
 
 __all__ = [
     "MemoryAttentionConfig",
+    "MemoryAttentionObjective",
     "MemoryAttentionTrainer",
     "pool_encoded_to_slots",
     "memory_attention_labels",
@@ -152,8 +153,8 @@ def _relative_noise(x: torch.Tensor, std: float, generator: torch.Generator | No
 
 
 @dataclass
-class MemoryAttentionConfig(RxTTrainingConfig):
-    """Stage 3 hyper-parameters on top of :class:`RxTTrainingConfig`."""
+class MemoryAttentionConfig(RxTTrainingArguments):
+    """Stage 3 hyper-parameters on top of :class:`~trainers.trainer_base.RxTTrainingArguments`."""
 
     first_step_new_data_weight: float = field(
         default=0.9, metadata={"help": "Weight of the new encoded data in the label of a conversation's first turn."}
@@ -198,69 +199,16 @@ class MemoryAttentionConfig(RxTTrainingConfig):
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
 
 
-class MemoryAttentionTrainer(RxTTrainer):
-    """Stage 3 trainer: self-supervised memory attention pre-training (only memory attention learns).
-
-    For each conversation of a ``[B, N, T]`` batch (``ConversationCollator``) the memory starts fresh; for each
-    turn ``k`` present (``turn_mask``) the frozen encoder encodes the interaction (no gradient), the memory
-    attention writes ``new_stm = MemAttn(stm + noise, encoded + noise)``, and the loss is
-    ``-cos(new_stm, w_k * E_k + (1 - w_k) * stm + noise)`` averaged over the valid rows, layers and slots,
-    where ``E_k`` is the interaction mapped to the slots by :func:`pool_encoded_to_slots` and ``w_k`` follows
-    :func:`new_data_weight_schedule`. ``new_stm`` (detached by default) is the memory of turn ``k + 1``.
-
-    Everything except ``model.model.memory_attention`` is frozen when the trainer is built.
-
-    Example:
-
-    ```python
-    >>> import tempfile
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
-    >>> from modeling_rxt.tokenization_rxt import build_tokenizer
-    >>> from trainers.data import ConversationCollator
-    >>> from trainers.synthetic_data import build_synthetic_dataset
-    >>> from trainers.memory_attention_trainer import MemoryAttentionConfig, MemoryAttentionTrainer
-    >>> data = build_synthetic_dataset("multi-turn", num_conversations=20, num_turns=3, seed=0)
-    >>> texts = [r["query"] + " " + r["answer"] for r in data["train"]]
-    >>> tokenizer = build_tokenizer(texts, vocab_size=300, min_frequency=1, model_max_length=64)
-    >>> model = RxTForCausalLM(RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer)))
-    >>> args = MemoryAttentionConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_batch_size=4,
-    ...                              max_length=64, report_to="none", disable_tqdm=True)
-    >>> trainer = MemoryAttentionTrainer(model, args, data["train"], tokenizer=tokenizer,
-    ...                                  data_collator=ConversationCollator(tokenizer, max_length=64))
-    >>> metrics = trainer.train()
-    >>> sorted(n for n, p in model.named_parameters() if p.requires_grad)[0].startswith("model.memory_attention")
-    True
-
-    ```
-    """
-
-    config_class = MemoryAttentionConfig
-    stage_name = "memory-attention"
-
-    def __init__(self, model, args, train_dataset, eval_dataset=None, tokenizer=None, data_collator=None):
-        if not isinstance(args, MemoryAttentionConfig):
-            raise TypeError(
-                f"args must be a MemoryAttentionConfig, got {type(args).__name__}; build one with "
-                "MemoryAttentionConfig(output_dir=..., ...)."
-            )
-        # Freeze before the base builds the optimizer (and before any distributed wrapper registers params).
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith("model.memory_attention."))
-        super().__init__(
-            model,
-            args,
-            train_dataset,
-            eval_dataset=eval_dataset,
-            tokenizer=tokenizer,
-            data_collator=data_collator,
-        )
+class MemoryAttentionObjective(RxTStageModule):
+    """The stage 3 module: the RxT model (only its memory attention trains); ``forward(batch)`` is the negative
+    cosine between the new STM and the self-supervised label, see :class:`MemoryAttentionTrainer`."""
 
     # --- schedule and labels bound to the config --------------------------------------------------------
 
     def new_data_weight_schedule(self, step_index: int, generator: torch.Generator | None = None) -> float:
-        """:func:`new_data_weight_schedule` with this trainer's hyper-parameters (jitter from ``generator``,
-        default ``self.generator``, which the base class re-seeds from ``(seed, process, step, micro-batch)``
-        before every ``compute_loss``, so a resumed run draws the same jitter and noise)."""
+        """:func:`new_data_weight_schedule` with the stage's hyper-parameters (jitter from ``generator``, default
+        ``self.generator``, which the trainer re-seeds from ``(seed, process, step, micro-batch)`` before every
+        forward, so a resumed run draws the same jitter and noise)."""
         a = self.args
         return new_data_weight_schedule(
             step_index,
@@ -278,9 +226,10 @@ class MemoryAttentionTrainer(RxTTrainer):
 
     # --- loss ---------------------------------------------------------------------------------------------
 
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], int]:
-        model = self.accelerator.unwrap_model(self.model)
-        backbone = model.model
+    # --- loss ---------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Any]) -> StageOutput:
+        backbone = self.model.model
         a = self.args
         training = self.model.training
         input_ids = batch["input_ids"]  # [B, N, T]
@@ -354,7 +303,7 @@ class MemoryAttentionTrainer(RxTTrainer):
         if rows_total == 0:
             # No valid turn at all: a zero loss that still touches the graph of trainable parameters.
             loss = sum(p.sum() * 0.0 for p in backbone.memory_attention.parameters())
-            return loss, {"loss": 0.0, "cosine": 0.0}, 0
+            return StageOutput(loss, {"loss": 0.0, "cosine": 0.0}, 0)
         cosine = cos_sum / rows_total
         loss = -cosine
         metrics.update(
@@ -362,4 +311,67 @@ class MemoryAttentionTrainer(RxTTrainer):
             cosine=float(cosine.detach()),
             stm_norm=float(torch.stack(norms).mean()),
         )
-        return loss, metrics, tokens
+        return StageOutput(loss, metrics, tokens)
+
+
+class MemoryAttentionTrainer(RxTStageTrainer):
+    """Stage 3 trainer: self-supervised memory attention pre-training (only memory attention learns).
+
+    For each conversation of a ``[B, N, T]`` batch (``ConversationCollator``) the memory starts fresh; for each
+    turn ``k`` present (``turn_mask``) the frozen encoder encodes the interaction (no gradient), the memory
+    attention writes ``new_stm = MemAttn(stm + noise, encoded + noise)``, and the loss is
+    ``-cos(new_stm, w_k * E_k + (1 - w_k) * stm + noise)`` averaged over the valid rows, layers and slots,
+    where ``E_k`` is the interaction mapped to the slots by :func:`pool_encoded_to_slots` and ``w_k`` follows
+    :func:`new_data_weight_schedule`. ``new_stm`` (detached by default) is the memory of turn ``k + 1``.
+
+    Everything except ``model.model.memory_attention`` is frozen when the trainer is built. The stage module is
+    :class:`MemoryAttentionObjective`; the default collator a ``ConversationCollator`` of ``processing_class``.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from modeling_rxt.tokenization_rxt import build_tokenizer
+    >>> from trainers.data import ConversationCollator
+    >>> from trainers.synthetic_data import build_synthetic_dataset
+    >>> from trainers.memory_attention_trainer import MemoryAttentionConfig, MemoryAttentionTrainer
+    >>> data = build_synthetic_dataset("multi-turn", num_conversations=20, num_turns=3, seed=0)
+    >>> texts = [r["query"] + " " + r["answer"] for r in data["train"]]
+    >>> tokenizer = build_tokenizer(texts, vocab_size=300, min_frequency=1, model_max_length=64)
+    >>> model = RxTForCausalLM(RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer)))
+    >>> args = MemoryAttentionConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4,
+    ...                              max_length=64, report_to="none", disable_tqdm=True)
+    >>> trainer = MemoryAttentionTrainer(model, args, train_dataset=data["train"], processing_class=tokenizer,
+    ...                                  data_collator=ConversationCollator(tokenizer, max_length=64))
+    >>> metrics = trainer.train().metrics
+    >>> sorted(n for n, p in model.named_parameters() if p.requires_grad)[0].startswith("model.memory_attention")
+    True
+
+    ```
+    """
+
+    args_class = MemoryAttentionConfig
+    stage_name = "memory-attention"
+
+    def __init__(self, model, args: MemoryAttentionConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, **kwargs):
+        if not isinstance(args, MemoryAttentionConfig):
+            raise TypeError(
+                f"args must be a MemoryAttentionConfig, got {type(args).__name__}; build one with "
+                "MemoryAttentionConfig(output_dir=..., ...)."
+            )
+        # Freeze before the optimizer is built and before a distributed wrapper registers the parameters.
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("model.memory_attention."))
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+
+    def build_stage_module(self, model, args: MemoryAttentionConfig) -> MemoryAttentionObjective:
+        return MemoryAttentionObjective(model, args)
+
+    def default_data_collator(self, args, processing_class, train_dataset):
+        from .data import ConversationCollator
+
+        return None if processing_class is None else ConversationCollator(processing_class, max_length=args.max_length)
+
+
