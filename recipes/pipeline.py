@@ -4,7 +4,7 @@ Folder layout under the recipe's `output_dir`:
 
 ```
 tokenizer/                 the tokenizer (trained on the recipe's data unless the recipe names one)
-01-joint-lm-pretraining/   one saved model per stage (model + tokenizer + model card + checkpoints/)
+01-joint-lm-pretraining/   one saved model per stage (model + tokenizer + model card + log.jsonl + checkpoint-N/)
 ...
 final/                     the last stage's model, its card carrying the evaluation table
 training_curves.png        every stage's loss (and reward) against the step, from the stages' log.jsonl
@@ -26,17 +26,17 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
-from trainers.data import ConversationCollator, load_rxt_dataset
+from trainers.data import load_rxt_dataset
 from trainers.evaluation import evaluate_memory, format_evaluation_table
 
 from .plots import plot_recall, plot_training_curves
 from .recipe import Recipe, StageSpec
 
 SYNTHETIC_KEYS = ("num_conversations", "num_turns", "max_recall_distance", "seed")
-PREFERENCE_FILE = "preference_evaluation.json"
-ACCELERATE_STAGES = ("smat",)  # still on the hand-written loop  # written by an rxrlhf stage: preference accuracy before / after
+PREFERENCE_FILE = "preference_evaluation.json"  # written by an rxrlhf stage: preference accuracy before / after
 
 
 def log(message: str) -> None:
@@ -160,88 +160,67 @@ def build_model(recipe: Recipe, tokenizer) -> RxTForCausalLM:
     return RxTForCausalLM(config)
 
 
-def collator_for(stage: StageSpec, data: dict, tokenizer, max_length: int):
-    return ConversationCollator(tokenizer, max_length=max_length, recall_weight=data.get("recall_weight"))
-
-
 def stage_folder(output_dir: Path, recipe: Recipe, stage: StageSpec) -> Path:
     return output_dir / f"{recipe.stages.index(stage) + 1:02d}-{stage.name}"
 
 
-def stage_args(recipe: Recipe, stage: StageSpec, folder: Path, resume: bool, num_rows: int | None):
+def stage_args(recipe: Recipe, stage: StageSpec, folder: Path, num_rows: int | None):
     """The stage's trainer config; with `epochs`, max_steps covers that many passes over `num_rows` rows."""
     extra = {"seed": recipe.seed}
-    if stage.trainer in ACCELERATE_STAGES:  # the other trainers resume through train(resume_from_checkpoint=True)
-        extra["resume_from_checkpoint"] = "latest" if resume else None
     if stage.epochs is not None:
         extra["max_steps"] = stage.steps_for_epochs(num_rows)
         log(f"stage {stage.name}: {stage.epochs:g} epoch(s) of {num_rows} training rows = {extra['max_steps']} steps")
     return stage.build_config(output_dir=str(folder), **extra)
 
 
-def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Path, resume: bool) -> Path:
-    folder = stage_folder(output_dir, recipe, stage)
-    data = recipe.stage_data(stage)
-    if stage.trainer == "rxrlhf":
-        split = load_stage_dataset(recipe.seed, data, "preference")
-        args = stage_args(recipe, stage, folder, resume, len(stage_splits(split, data)[0]))
-        return run_preference_stage(stage, args, data, model, tokenizer, folder, resume, recipe.seed)
+def stage_datasets(seed: int, stage: StageSpec, data: dict):
+    """(train, evaluation, held_out) of a stage. `train` is a dict {num_turns: split} with `data.turn_datasets`.
+    `held_out` (preference data only: the test split, else validation) is scored before and after the stage."""
+    if stage.data_kind == "preference":
+        split = load_stage_dataset(seed, data, "preference")
+        train, validation = stage_splits(split, data)
+        return train, validation, split.get("test") or validation
     turn_counts = data.get("turn_datasets")
     if turn_counts:
-        splits = {n: load_stage_dataset(recipe.seed, data, stage.data_kind, num_turns=n) for n in turn_counts}
-        train = {n: split["train"] for n, split in splits.items()}
-        evaluation = splits[max(turn_counts)]["validation"]
-        args = stage_args(recipe, stage, folder, resume, None)
-    else:
-        train, evaluation = stage_splits(load_stage_dataset(recipe.seed, data, stage.data_kind), data)
-        args = stage_args(recipe, stage, folder, resume, len(train))
+        splits = {n: load_stage_dataset(seed, data, stage.data_kind, num_turns=n) for n in turn_counts}
+        return {n: split["train"] for n, split in splits.items()}, splits[max(turn_counts)]["validation"], None
+    train, evaluation = stage_splits(load_stage_dataset(seed, data, stage.data_kind), data)
+    return train, evaluation, None
+
+
+def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Path, resume: bool) -> Path:
+    """Train one stage from `model` and save its model folder. Every stage trainer is a `transformers.Trainer`
+    (with the RxT stage mixin): built from (model, args, train / eval data, processing_class), resumed from the
+    newest `checkpoint-N` of the stage folder with `--resume`, saved with `save_rxt_model`."""
+    folder = stage_folder(output_dir, recipe, stage)
+    data = recipe.stage_data(stage)
+    train, evaluation, held_out = stage_datasets(recipe.seed, stage, data)
+    args = stage_args(recipe, stage, folder, None if isinstance(train, dict) else len(train))
+    if held_out is not None and args.eval_strategy == "no":
+        evaluation = None  # the preference trainer would prepare an evaluation set it never uses
     log(f"stage {stage.name} ({stage.trainer}): {args.max_steps} steps -> {folder}")
-    if stage.trainer not in ACCELERATE_STAGES:
-        trainer = stage.trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                                      processing_class=tokenizer)
-        has_checkpoint = resume and any(folder.glob("checkpoint-*"))
-        metrics = trainer.train(resume_from_checkpoint=True if has_checkpoint else None).metrics
-        log(f"stage {stage.name} done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-        trainer.save_rxt_model(str(folder))
-        return folder
-    trainer = stage.trainer_class(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        tokenizer=tokenizer,
-        data_collator=collator_for(stage, data, tokenizer, args.max_length),
-    )
-    metrics = trainer.train()
-    log(f"stage {stage.name} done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-    trainer.save_model(str(folder))
-    return folder
-
-
-def run_preference_stage(stage: StageSpec, args, data: dict, model, tokenizer, folder: Path, resume: bool, seed: int):
-    """Stage 6 (RxRLHF): train on preference conversations; preference accuracy on the held-out split (test, else
-    validation) before and after training goes to `preference_evaluation.json` in the stage folder."""
-    from trainers.rxrlhf_trainer import format_preference_table
-
-    split = load_stage_dataset(seed, data, "preference")
-    train, validation = stage_splits(split, data)
-    held_out = split.get("test") or validation
-    evaluation = validation if args.eval_strategy != "no" else None
-    log(f"stage {stage.name} ({stage.trainer}): {args.max_steps} steps on {len(train)} preference "
-        f"conversations -> {folder}")
     trainer = stage.trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                                   processing_class=tokenizer)
     before = trainer.evaluate_preferences(held_out) if held_out is not None else None
-    has_checkpoint = resume and any(folder.glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    has_checkpoint = resume and folder.is_dir() and get_last_checkpoint(str(folder)) is not None
+    metrics = trainer.train(resume_from_checkpoint=True if has_checkpoint else None).metrics
+    log(f"stage {stage.name} done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     after = trainer.evaluate_preferences(held_out) if held_out is not None else None
     trainer.save_rxt_model(str(folder))
     if after is not None:
-        report = {"num_conversations": len(held_out), "before": before, "after": after}
-        (folder / PREFERENCE_FILE).write_text(json.dumps(report, indent=2, default=str))
-        log(f"stage {stage.name}: preference accuracy on {len(held_out)} held-out conversations\n"
-            + format_preference_table(before, after))
+        report_preferences(stage, folder, len(held_out), before, after)
     return folder
+
+
+def report_preferences(stage: StageSpec, folder: Path, count: int, before: dict | None, after: dict) -> None:
+    """A preference stage's accuracy on the held-out conversations before and after it, written to
+    `preference_evaluation.json` in the stage folder (the final evaluation adds it to the model card)."""
+    from trainers.rxrlhf_trainer import format_preference_table
+
+    report = {"num_conversations": count, "before": before, "after": after}
+    (folder / PREFERENCE_FILE).write_text(json.dumps(report, indent=2, default=str))
+    log(f"stage {stage.name}: preference accuracy on {count} held-out conversations\n"
+        + format_preference_table(before, after))
 
 
 def run_recipe(

@@ -66,7 +66,6 @@ DATA_KEYS = {
     "seed",
     "turn_datasets",
     "split",
-    "recall_weight",
     "subset",
     "train_split",
     "eval_split",
@@ -115,12 +114,9 @@ class StageSpec:
         """``max_steps`` for ``epochs`` passes over ``num_rows`` training rows (conversations, texts...): rows per
         optimizer step are batch size x gradient accumulation (MRL: rollouts / ``num_generations``)."""
         config = self.build_config(output_dir="unused")
-        if hasattr(config, "per_device_batch_size"):  # Accelerate stages
-            rows = config.per_device_batch_size * config.gradient_accumulation_steps
-        else:  # TRL stages: per_device_train_batch_size counts completions (MRL: G rollouts per conversation)
-            rows = config.per_device_train_batch_size * config.gradient_accumulation_steps
-            if self.trainer == "mrl":
-                rows /= config.num_generations
+        rows = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        if self.trainer == "mrl":  # MRL's batch counts rollouts: num_generations per conversation
+            rows /= config.num_generations
         return max(1, math.ceil(self.epochs * num_rows / rows))
 
 
@@ -206,6 +202,9 @@ def check_stage_config(stage: StageSpec) -> None:
 
 def _check_data(section: str, mapping: Any) -> dict:
     """A `data:` mapping: known keys, and the source / subset / split selectors as strings."""
+    if isinstance(mapping, dict) and "recall_weight" in mapping:
+        raise recipe_error(f"{section}.recall_weight", mapping["recall_weight"],
+                           "it is a smat config value now: move it to the stage's config (config.recall_weight).")
     data = _check_keys(section, mapping, DATA_KEYS)
     for key in ("source", "subset", "train_split", "eval_split"):
         if key not in data or (data[key] is None and key in ("subset", "eval_split")):

@@ -86,7 +86,7 @@ TINY_BATCHES = {
     "joint-lm-pretraining": {"per_device_train_batch_size": 8},
     "joint-sft": {"per_device_train_batch_size": 8},
     "memory-attention": {"per_device_train_batch_size": 4},
-    "smat": {"per_device_batch_size": 6},
+    "smat": {"per_device_train_batch_size": 6},
 }
 
 
@@ -142,7 +142,7 @@ def test_alpha_micro_recipe_is_the_cards_curriculum():
     assert memory.steps_for_epochs(13890) == math.ceil(13890 / config.per_device_train_batch_size)
     # stage 4: gradual unfreezing, decoder -> + memory attention -> + encoder, one epoch each
     smat = recipe.stage("smat")
-    schedule = smat.build_config(output_dir="unused").unfreeze_schedule
+    schedule = smat.build_config(output_dir="unused").freeze_schedule
     assert smat.epochs == 3 and schedule["decoder"] == 0 < schedule["memory_attention"] < schedule["encoder"] < 1
     # the card's architecture: the preset at full size, 256-token interactions, STM 6 x 256 x 128
     assert recipe.model == {"preset": "rxt-alpha-micro"} and recipe.tokenizer["vocab_size"] == 7500
@@ -243,7 +243,7 @@ def test_finetune_recipe_trains_a_saved_checkpoint_on_local_conversations(tmp_pa
     sets = [
         f"model.from_pretrained={checkpoint}", f"tokenizer.path={checkpoint}",
         f"data.source={tmp_path / 'conversations'}",
-        "stages.smat.config.per_device_batch_size=2", "stages.smat.config.max_length=48",
+        "stages.smat.config.per_device_train_batch_size=2", "stages.smat.config.max_length=48",
         "stages.smat.config.disable_tqdm=true", "stages.smat.config.report_to=none",
         "stages.mrl.config.per_device_train_batch_size=4", "stages.mrl.config.num_generations=2",
         "stages.mrl.config.max_completion_length=6", "stages.mrl.config.max_interaction_length=48",

@@ -25,8 +25,9 @@ TINY_RECIPE = {
         {
             "name": "smat",
             "trainer": "smat",
-            "data": {"turn_datasets": [2, 3], "recall_weight": 3.0},
-            "config": {"max_steps": 3, "per_device_batch_size": 4, "max_length": 48, "turn_curriculum": [[0.0, 2], [0.5, 3]]},
+            "data": {"turn_datasets": [2, 3]},
+            "config": {"max_steps": 3, "per_device_train_batch_size": 4, "max_length": 48, "recall_weight": 3.0,
+                       "turn_curriculum": [[0.0, 2], [0.5, 3]]},
         },
         {
             "name": "mrl",
@@ -78,6 +79,7 @@ def test_default_recipe_is_valid():
         (lambda r: r.update(stages=[]), "stages"),
         (lambda r: r["model"].pop("preset"), "model"),
         (lambda r: r["data"].update(shuffle=True), "data.shuffle"),
+        (lambda r: r["stages"][3]["data"].update(recall_weight=3.0), r"stages\[smat\].data.recall_weight.*config"),
     ],
 )
 def test_bad_recipe_values_fail_before_training(tmp_path, change, message):

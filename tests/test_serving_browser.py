@@ -125,12 +125,13 @@ def train_remembering_model(folder: Path) -> None:
         encoder_intermediate_size=192, stm_size=16, max_position_embeddings=64, memory_attention_variant="simple",
         vocab_size=len(tokenizer), **special_token_ids(tokenizer),
     )
-    args = SMATConfig(output_dir=str(folder), max_steps=450, per_device_batch_size=32, learning_rate=3e-3,
+    args = SMATConfig(output_dir=str(folder), max_steps=450, per_device_train_batch_size=32, learning_rate=3e-3,
                       warmup_steps=20, max_length=64, report_to="none", disable_tqdm=True)
     collator = ConversationCollator(tokenizer, max_length=64, recall_weight=3.0)
-    trainer = SMATTrainer(RxTForCausalLM(config), args, data["train"], tokenizer=tokenizer, data_collator=collator)
+    trainer = SMATTrainer(RxTForCausalLM(config), args, train_dataset=data["train"], processing_class=tokenizer,
+                          data_collator=collator)
     trainer.train()
-    trainer.save_model(str(folder))
+    trainer.save_rxt_model(str(folder))
 
 
 @pytest.fixture(scope="module")

@@ -46,13 +46,13 @@ def tiny_model(tokenizer, seed=0):
 
 def make_trainer(tokenizer, tmp_path, train, model=None, **overrides):
     options = dict(
-        output_dir=str(tmp_path), max_steps=4, per_device_batch_size=4, learning_rate=5e-3, warmup_steps=1,
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3, warmup_steps=1,
         logging_steps=1, report_to="none", disable_tqdm=True, max_length=48,
     )
     options.update(overrides)
     collator = ConversationCollator(tokenizer, max_length=48, recall_weight=3.0)
-    return SMATTrainer(model or tiny_model(tokenizer), SMATConfig(**options), train, tokenizer=tokenizer,
-                       data_collator=collator)
+    return SMATTrainer(model or tiny_model(tokenizer), SMATConfig(**options), train_dataset=train,
+                       processing_class=tokenizer, data_collator=collator)
 
 
 def snapshot(params):
@@ -70,17 +70,17 @@ def test_loss_falls_on_a_fixed_batch(tiny_tokenizer, tmp_path):
     train = dataset(4)
     trainer = make_trainer(tiny_tokenizer, tmp_path, train, max_steps=30)
     batch = trainer.data_collator([train[i] for i in range(4)])
-    model = trainer.model
+    model = trainer.rxt_model
     model.eval()
     with torch.no_grad():
-        first, metrics, _ = trainer.compute_loss(batch)
+        first, metrics, _ = trainer.model(batch)  # the stage module's forward: (loss, metrics, tokens)
     assert {"loss_turn_0", "loss_turn_2", "recall_accuracy", "trainable_parameters", "num_turns"} <= set(metrics)
     assert metrics["num_turns"] == 3
     assert metrics["trainable_parameters"] == sum(p.numel() for p in model.parameters())
     trainer.train()
     model.eval()
     with torch.no_grad():
-        last, _, _ = trainer.compute_loss(batch)
+        last, _, _ = trainer.model(batch)
     assert float(last) < 0.7 * float(first), (float(first), float(last))
 
 
@@ -92,9 +92,9 @@ def test_loss_weights_of_one_change_nothing(tiny_tokenizer, tmp_path):
     triple = dict(batch, loss_weights=torch.where(batch["recall_distance"][..., None] > 0, 3.0, 1.0).expand_as(
         batch["input_ids"]))
     with torch.no_grad():
-        base, metrics, _ = trainer.compute_loss(batch)
-        weighted_ones, _, _ = trainer.compute_loss(ones)
-        weighted, heavy, _ = trainer.compute_loss(triple)
+        base, metrics, _ = trainer.model(batch)
+        weighted_ones, _, _ = trainer.model(ones)
+        weighted, heavy, _ = trainer.model(triple)
     torch.testing.assert_close(base, weighted_ones)
     # only the recall turn (turn 2) is weighted, and weighting a single turn uniformly does not change its mean
     torch.testing.assert_close(base, weighted)
@@ -106,10 +106,10 @@ def test_loss_weights_of_one_change_nothing(tiny_tokenizer, tmp_path):
 
 def test_unfreeze_schedule_switches_the_right_parameters(tiny_tokenizer, tmp_path):
     schedule = {"decoder": 0, "memory_cross_attention": 1, "memory_attention": 2, "encoder": 0.5, "embedding": None}
-    trainer = make_trainer(tiny_tokenizer, tmp_path, dataset(4), max_steps=6, unfreeze_schedule=schedule)
-    model = trainer.model
+    trainer = make_trainer(tiny_tokenizer, tmp_path, dataset(4), max_steps=6, freeze_schedule=schedule)
+    model = trainer.rxt_model
     parts = trainer.component_parameters()
-    assert trainer.unfreeze_steps == {
+    assert trainer.freeze_steps == {
         "decoder": 0, "memory_cross_attention": 1, "memory_attention": 2, "encoder": 3, "embedding": None
     }
     assert any(p is model.model.decoder.layers[0].memory_cross_attn.q_proj.weight for p in parts["memory_cross_attention"])
@@ -137,10 +137,11 @@ def test_frozen_components_do_not_change_until_unfrozen(tiny_tokenizer, tmp_path
             seen[step] = {n: snapshot(ps) for n, ps in parts.items()}
 
     collator = ConversationCollator(tiny_tokenizer, max_length=48)
-    args = SMATConfig(output_dir=str(tmp_path), max_steps=4, per_device_batch_size=4, learning_rate=5e-3,
-                      warmup_steps=1, report_to="none", disable_tqdm=True, max_length=48,
-                      unfreeze_schedule={"decoder": 0, "memory_attention": 2, "encoder": None, "embedding": None})
-    trainer = Recording(tiny_model(tiny_tokenizer), args, dataset(4), data_collator=collator)
+    # no warmup: transformers' warmup starts at learning rate 0, so step 0 would change nothing
+    args = SMATConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3,
+                      warmup_steps=0, report_to="none", disable_tqdm=True, max_length=48,
+                      freeze_schedule={"decoder": 0, "memory_attention": 2, "encoder": None, "embedding": None})
+    trainer = Recording(tiny_model(tiny_tokenizer), args, train_dataset=dataset(4), data_collator=collator)
     initial = {n: snapshot(ps) for n, ps in trainer.component_parameters().items()}
     trainer.train()
     final = trainer.component_parameters()
@@ -152,9 +153,9 @@ def test_frozen_components_do_not_change_until_unfrozen(tiny_tokenizer, tmp_path
 
 def test_bad_schedules_are_rejected(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="unknown component 'lm_head'"):
-        SMATConfig(output_dir=str(tmp_path), unfreeze_schedule={"lm_head": 0})
+        SMATConfig(output_dir=str(tmp_path), freeze_schedule={"lm_head": 0})
     with pytest.raises(ValueError, match="fraction"):
-        SMATConfig(output_dir=str(tmp_path), unfreeze_schedule={"decoder": 1.5})
+        SMATConfig(output_dir=str(tmp_path), freeze_schedule={"decoder": 1.5})
     with pytest.raises(ValueError, match="start at step 0"):
         make_trainer(tiny_tokenizer, tmp_path, dataset(4), turn_curriculum=[(0.5, 2)])
     with pytest.raises(ValueError, match="num_turns=4"):
@@ -195,22 +196,24 @@ def test_trainer_follows_the_curriculum(tiny_tokenizer, tmp_path):
     shapes = []
 
     class Recording(SMATTrainer):
-        def compute_loss(self, batch):
-            shapes.append((self.global_step, batch["input_ids"].shape[1], batch["conversation_id"][0][:2]))
-            return super().compute_loss(batch)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            shapes.append((self.state.global_step, inputs["input_ids"].shape[1], inputs["conversation_id"][0][:2]))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     collator = ConversationCollator(tiny_tokenizer, max_length=48)
-    args = SMATConfig(output_dir=str(tmp_path), max_steps=4, per_device_batch_size=2, gradient_accumulation_steps=2,
-                      report_to="none", disable_tqdm=True, max_length=48, turn_curriculum=[(0.0, 2), (0.5, 3)])
+    args = SMATConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                      gradient_accumulation_steps=2, report_to="none", disable_tqdm=True, max_length=48,
+                      turn_curriculum=[(0.0, 2), (0.5, 3)])
     sets = {2: dataset(4, 2, tag="a"), 3: dataset(4, 3, tag="b")}
-    trainer = Recording(tiny_model(tiny_tokenizer), args, sets, data_collator=collator)
+    trainer = Recording(tiny_model(tiny_tokenizer), args, train_dataset=sets, data_collator=collator)
     trainer.train()
     assert [s[:2] for s in shapes] == [(0, 2), (0, 2), (1, 2), (1, 2), (2, 3), (2, 3), (3, 3), (3, 3)]
     assert [s[2] for s in shapes] == ["a2"] * 4 + ["b3"] * 4
-    # the loader stand-in always yields the micro-batches of the trainer's current step (resume = set the step)
-    trainer.global_step = 3
-    got = list(trainer.train_dataloader)
-    assert [b["conversation_id"] for b in got] == [trainer.curriculum.batch(3, m)["conversation_id"] for m in (0, 1)]
+    # the train loader's item step x accumulation + micro is micro-batch (step, micro) of the curriculum, whatever
+    # was read before it (a resumed run skips the first global_step x accumulation items)
+    got = list(trainer.get_train_dataloader())
+    assert len(got) == 8
+    assert [b["conversation_id"] for b in got[6:8]] == [trainer.curriculum.batch(3, m)["conversation_id"] for m in (0, 1)]
 
 
 # --- gradients through the memory, missing turns ---------------------------------------------------------------
@@ -218,9 +221,9 @@ def test_trainer_follows_the_curriculum(tiny_tokenizer, tmp_path):
 
 def _grads(trainer, batch):
     trainer.model.zero_grad(set_to_none=True)
-    loss, _, _ = trainer.compute_loss(batch)
+    loss, _, _ = trainer.model(batch)
     loss.backward()
-    return loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters()}
+    return loss.detach(), {n: p.grad for n, p in trainer.rxt_model.named_parameters()}
 
 
 def test_gradient_reaches_memory_attention_and_encoder_through_the_stm(tiny_tokenizer, tmp_path):
@@ -269,19 +272,18 @@ def test_rows_with_missing_turns_do_not_contribute(tiny_tokenizer, tmp_path):
     # and the missing turn really is skipped rather than ignored by accident: marking it present changes the loss
     garbage["turn_mask"][1, 2] = 1
     with torch.no_grad():
-        loss_c, _, _ = trainer.compute_loss(garbage)
+        loss_c, _, _ = trainer.model(garbage)
     assert not torch.allclose(loss_a, loss_c)
 
 
 def test_resume_reaches_the_same_weights(tiny_tokenizer, tmp_path):
     sets = {2: dataset(4, 2, tag="a"), 3: dataset(8, 3, tag="b")}
-    options = dict(max_steps=4, per_device_batch_size=2, save_steps=2, turn_curriculum=[(0, 2), (0.25, 3)],
-                   unfreeze_schedule={"decoder": 0, "memory_attention": 1, "encoder": 3, "embedding": 0})
+    options = dict(max_steps=4, per_device_train_batch_size=2, save_steps=2, turn_curriculum=[(0, 2), (0.25, 3)],
+                   freeze_schedule={"decoder": 0, "memory_attention": 1, "encoder": 3, "embedding": 0})
     full = make_trainer(tiny_tokenizer, tmp_path / "a", sets, **options)
     full.train()
-    resumed = make_trainer(tiny_tokenizer, tmp_path / "b", sets,
-                           resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / "step-2"), **options)
-    resumed.train()
-    assert resumed.global_step == 4
-    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+    resumed = make_trainer(tiny_tokenizer, tmp_path / "b", sets, **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for (name, a), b in zip(full.rxt_model.named_parameters(), resumed.rxt_model.parameters()):
         torch.testing.assert_close(a, b, msg=name)

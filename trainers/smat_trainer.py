@@ -9,12 +9,15 @@ is the fixed-size STM, so this is the stage in which the model learns to use it.
 
 Two schedules make that work on a small budget:
 
-* **gradual unfreezing** (``unfreeze_schedule``): each component (decoder, the decoder's memory
+* **gradual unfreezing** (``freeze_schedule``, the name stage 5 uses too): each component (decoder, the decoder's memory
   cross-attention, memory attention, encoder, shared embedding) becomes trainable at its own optimizer step;
 * **turn-length curriculum** (``turn_curriculum``): short conversations first (two turns: every example is
   a one-step recall), longer ones later (DESIGN section 7 found it decisive in an earlier plain-PyTorch
   model). The default recipe uses it with every component trainable from step 0; its measured recall by
   distance is in docs/experiments.md.
+
+:class:`SMATObjective` is the stage module (its ``forward(batch)`` returns the loss), :class:`SMATTrainer` the
+``transformers.Trainer`` that trains it, reading its batches from :class:`TurnCurriculum`.
 """
 
 from __future__ import annotations
@@ -26,15 +29,17 @@ from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from modeling_rxt.format_rxt import IGNORE_INDEX
 
-from .trainer_base import RxTTrainer, RxTTrainingConfig
+from .trainer_base import RxTStageModule, RxTStageTrainer, RxTTrainingArguments, StageOutput
 
 __all__ = [
     "SMAT_COMPONENTS",
     "component_parameters",
     "SMATConfig",
+    "SMATObjective",
     "SMATTrainer",
     "TurnCurriculum",
     "resolve_schedule_step",
@@ -238,28 +243,28 @@ class TurnCurriculum:
             step += 1
 
 
-class _CurriculumLoader:
-    """Stands in for the base trainer's train loader: each pass yields the ``gradient_accumulation_steps``
-    micro-batches of the trainer's *current* optimizer step, taken from :class:`TurnCurriculum`.
+class CurriculumBatches(Dataset):
+    """The training batches of a run as a map-style data set: item ``i`` is micro-batch ``i % grad_accum`` of
+    optimizer step ``i // grad_accum`` (:meth:`TurnCurriculum.batch`), ``max_steps x grad_accum`` items in all.
+    Read in order by a ``DataLoader`` (``batch_size=1``, :func:`first_item` as collate function), it is the
+    trainer's train loader; a resumed run skips the first ``global_step x grad_accum`` items (transformers'
+    ``skip_first_batches`` does, without building them) and reads the same batches as an uninterrupted run."""
 
-    The base loop treats ``len()`` as an epoch and resumes at ``divmod(global_step * accumulation, len())``;
-    with one optimizer step per "epoch" that is always ``(global_step, skip=0)``, so the base loop needs no
-    change and the curriculum alone decides the data of every step (also after a resume).
-    """
-
-    def __init__(self, trainer: "SMATTrainer"):
-        self.trainer = trainer
+    def __init__(self, curriculum: "TurnCurriculum", max_steps: int):
+        self.curriculum = curriculum
+        self.max_steps = int(max_steps)
 
     def __len__(self) -> int:
-        return self.trainer.curriculum.grad_accum
+        return self.max_steps * self.curriculum.grad_accum
 
-    def __iter__(self):
-        trainer = self.trainer
-        step = trainer.global_step
-        device = trainer.accelerator.device
-        for micro in range(trainer.curriculum.grad_accum):
-            batch = trainer.curriculum.batch(step, micro)
-            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        step, micro = divmod(int(index), self.curriculum.grad_accum)
+        return self.curriculum.batch(step, micro)
+
+
+def first_item(items: list):
+    """Collate function of a loader over already collated batches (``batch_size=1``)."""
+    return items[0]
 
 
 def _truncate_turns(batch: dict[str, Any], num_turns: int) -> dict[str, Any]:
@@ -281,16 +286,16 @@ def _truncate_turns(batch: dict[str, Any], num_turns: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _default_unfreeze() -> dict[str, int | float | None]:
+def _default_freeze() -> dict[str, int | float | None]:
     return {"decoder": 0, "memory_cross_attention": 0, "memory_attention": 0, "encoder": 0, "embedding": 0}
 
 
 @dataclass
-class SMATConfig(RxTTrainingConfig):
-    """Stage 4 hyper-parameters on top of :class:`RxTTrainingConfig`."""
+class SMATConfig(RxTTrainingArguments):
+    """Stage 4 hyper-parameters on top of :class:`~trainers.trainer_base.RxTTrainingArguments`."""
 
-    unfreeze_schedule: dict[str, int | float | None] = field(
-        default_factory=_default_unfreeze,
+    freeze_schedule: dict[str, int | float | None] = field(
+        default_factory=_default_freeze,
         metadata={"help": "Component -> optimizer step (int) or fraction of max_steps (float in [0, 1)) from which "
                           "it is trained; components: decoder (with lm_head; without its memory cross-attention), "
                           "memory_cross_attention (the decoder's memory cross-attention and memory norms), "
@@ -302,6 +307,11 @@ class SMATConfig(RxTTrainingConfig):
         metadata={"help": "Turn-length curriculum [(start, num_turns), ...]; start is a step or a fraction of "
                           "max_steps, the first start is 0. None: whole conversations throughout."},
     )
+    recall_weight: float | None = field(
+        default=None,
+        metadata={"help": "Loss weight of the answers that recall an earlier fact (rows with recall_distance), in the "
+                          "default ConversationCollator; None: 1 (every answer token counts the same)."},
+    )
     backprop_turns: int | None = field(
         default=None,
         metadata={"help": "Truncated back-propagation through turns: the STM is detached before the memory "
@@ -311,20 +321,19 @@ class SMATConfig(RxTTrainingConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.unfreeze_schedule, Mapping):
+        if not isinstance(self.freeze_schedule, Mapping):
             raise TypeError(
-                f"unfreeze_schedule={self.unfreeze_schedule!r} must be a dict like {_default_unfreeze()}."
+                f"freeze_schedule={self.freeze_schedule!r} must be a dict like {_default_freeze()}."
             )
-        self.unfreeze_schedule = dict(self.unfreeze_schedule)
-        for key, value in self.unfreeze_schedule.items():
+        self.freeze_schedule = dict(self.freeze_schedule)
+        for key, value in self.freeze_schedule.items():
             if key not in SMAT_COMPONENTS:
                 raise ValueError(
-                    f"unfreeze_schedule has unknown component {key!r}; choose from {list(SMAT_COMPONENTS)}."
+                    f"freeze_schedule has unknown component {key!r}; choose from {list(SMAT_COMPONENTS)}."
                 )
-            resolve_schedule_step(value, self.max_steps or 0, f"unfreeze_schedule[{key!r}]")
-        if not any(v is not None for v in self.unfreeze_schedule.values()):
-            raise ValueError("unfreeze_schedule trains nothing: give at least one component a start step.")
+            resolve_schedule_step(value, self.max_steps or 0, f"freeze_schedule[{key!r}]")
+        if not any(v is not None for v in self.freeze_schedule.values()):
+            raise ValueError("freeze_schedule trains nothing: give at least one component a start step.")
         if self.turn_curriculum is not None:
             if not isinstance(self.turn_curriculum, (list, tuple)) or not self.turn_curriculum:
                 raise ValueError(
@@ -345,134 +354,23 @@ class SMATConfig(RxTTrainingConfig):
             isinstance(self.backprop_turns, bool) or not isinstance(self.backprop_turns, int) or self.backprop_turns < 1
         ):
             raise ValueError(f"backprop_turns={self.backprop_turns!r} must be None or an int >= 1.")
+        if self.recall_weight is not None and (
+            isinstance(self.recall_weight, bool) or not isinstance(self.recall_weight, (int, float))
+            or not self.recall_weight > 0
+        ):
+            raise ValueError(f"recall_weight={self.recall_weight!r} must be None or a number > 0.")
+        super().__post_init__()
 
 
-class SMATTrainer(RxTTrainer):
-    """Stage 4 trainer: supervised memory-aware training with gradual unfreezing and a turn curriculum.
-
-    A batch is ``[B, N, T]`` (``ConversationCollator``). The memory starts fresh (``init_memory``); for each
-    turn ``k`` the decoder reads the current STM and is scored on the answer tokens of turn ``k``
-    (cross-entropy weighted by ``loss_weights`` when the collator gives them, e.g. recall answers x3; rows
-    whose conversation has no turn ``k`` are excluded), then ``update_memory`` writes the whole interaction
-    into the STM (rows without turn ``k`` keep their memory). The loss is the mean over turns of the
-    token-weighted cross-entropy, plus the MoE router auxiliary loss. Gradients flow through the memory
-    across all turns unless ``backprop_turns`` truncates them (the STM is detached before the update of every
-    turn ``k`` with ``k % backprop_turns == 0``).
-
-    ``train_dataset`` is one data set, or a dict ``{num_turns: data set}`` selected by ``turn_curriculum``;
-    batches come from :class:`TurnCurriculum` (deterministic and resumable from ``global_step`` alone).
-
-    Example:
-
-    ```python
-    >>> import tempfile
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
-    >>> from modeling_rxt.tokenization_rxt import build_tokenizer
-    >>> from trainers.data import ConversationCollator
-    >>> from trainers.synthetic_data import build_synthetic_dataset
-    >>> from trainers.smat_trainer import SMATConfig, SMATTrainer
-    >>> sets = {n: build_synthetic_dataset("multi-turn", num_conversations=20, num_turns=n, max_recall_distance=n - 1,
-    ...                                    seed=n)["train"] for n in (2, 3)}
-    >>> texts = [r["query"] + " " + r["answer"] for r in sets[3]]
-    >>> tokenizer = build_tokenizer(texts, vocab_size=300, min_frequency=1, model_max_length=64)
-    >>> model = RxTForCausalLM(RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer)))
-    >>> args = SMATConfig(output_dir=tempfile.mkdtemp(), max_steps=4, per_device_batch_size=4, max_length=64,
-    ...                   turn_curriculum=[(0.0, 2), (0.5, 3)],
-    ...                   unfreeze_schedule={"decoder": 0, "memory_attention": 0, "encoder": 2, "embedding": 2},
-    ...                   report_to="none", disable_tqdm=True)
-    >>> trainer = SMATTrainer(model, args, sets, tokenizer=tokenizer,
-    ...                       data_collator=ConversationCollator(tokenizer, max_length=64, recall_weight=3.0))
-    >>> metrics = trainer.train()
-    >>> trainer.curriculum.num_turns(0), trainer.curriculum.num_turns(3)
-    (2, 3)
-
-    ```
-    """
-
-    config_class = SMATConfig
-    stage_name = "smat"
-
-    def __init__(self, model, args, train_dataset, eval_dataset=None, tokenizer=None, data_collator=None):
-        if data_collator is None:
-            raise ValueError(
-                "SMATTrainer needs data_collator=ConversationCollator(tokenizer, max_length=...) (multi-turn batches)."
-            )
-        self._train_sets = train_dataset
-        # Every parameter starts trainable so that the optimizer (and any distributed wrapper) knows all of
-        # them; the schedule then freezes what must wait. A frozen parameter gets no gradient, and AdamW skips
-        # parameters without one (no update, no weight decay).
-        for param in model.parameters():
-            param.requires_grad_(True)
-        base_train = train_dataset
-        if isinstance(train_dataset, Mapping):
-            # The base class gets one data set (for its length checks / loaders); batches come from the
-            # curriculum either way.
-            base_train = train_dataset[max(train_dataset)]
-        super().__init__(
-            model,
-            args,
-            base_train,
-            eval_dataset=eval_dataset,
-            tokenizer=tokenizer,
-            data_collator=data_collator,
-        )
-        self.curriculum = TurnCurriculum(
-            train_dataset,
-            args.turn_curriculum,
-            max_steps=args.max_steps,
-            batch_size=args.per_device_batch_size,
-            collator=data_collator,
-            seed=args.seed,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            num_processes=self.accelerator.num_processes,
-            process_index=self.accelerator.process_index,
-        )
-        self.unfreeze_steps = {
-            name: resolve_schedule_step(args.unfreeze_schedule.get(name), args.max_steps, f"unfreeze_schedule[{name!r}]")
-            for name in SMAT_COMPONENTS
-        }
-        # The base loop reads batches from self.train_dataloader; the curriculum replaces it (see
-        # _CurriculumLoader). The base's own loader over `train_dataset` is built but never iterated.
-        self.train_dataloader = _CurriculumLoader(self)
-        self.current_num_turns = self.curriculum.num_turns(0)
-        self.apply_unfreeze(0)
-
-    # --- gradual unfreezing -------------------------------------------------------------------------
-
-    def component_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
-        return component_parameters(self.accelerator.unwrap_model(self.model))
-
-    def data_description(self) -> str:
-        if not self.curriculum.is_dict:
-            return super().data_description()
-        sizes = ", ".join(f"{n} turns: {len(d)}" for n, d in sorted(self.curriculum.datasets.items()))
-        phases = ", ".join(f"from step {start}: {turns} turns" for start, turns in self.curriculum.phases)
-        return f"Multi-turn conversations, one set per turn count ({sizes} conversations); curriculum: {phases}."
-
-    def trainable_components(self, step: int) -> list[str]:
-        steps = self.unfreeze_steps
-        return [n for n in SMAT_COMPONENTS if steps.get(n) is not None and step >= steps[n]]
-
-    def apply_unfreeze(self, step: int) -> list[str]:
-        """Set ``requires_grad`` for optimizer step ``step``; returns the trainable components."""
-        active = self.trainable_components(step)
-        for name, params in self.component_parameters().items():
-            for param in params:
-                param.requires_grad_(name in active)
-        return active
+class SMATObjective(RxTStageModule):
+    """The stage 4 module: the RxT model; ``forward(batch)`` plays each ``[B, N, T]`` conversation through the
+    STM and returns the mean answer cross-entropy of its turns (see :class:`SMATTrainer`)."""
 
     def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad)
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
-    def on_step_begin(self, step: int) -> None:
-        super().on_step_begin(step)
-        self.apply_unfreeze(step)
-        self.current_num_turns = self.curriculum.num_turns(step)
-
-    # --- loss ----------------------------------------------------------------------------------------
-
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], int]:
-        unwrapped = self.accelerator.unwrap_model(self.model)
+    def forward(self, batch: dict[str, Any]) -> StageOutput:
+        unwrapped = self.model
         input_ids = batch["input_ids"]  # [B, N, T]
         if input_ids.dim() != 3:
             raise ValueError(
@@ -505,7 +403,7 @@ class SMATTrainer(RxTTrainer):
             ids_k = input_ids[:, k]  # [B, T]
             mask_k = attention_mask[:, k] * rows[:, None].to(attention_mask.dtype)  # rows without turn k: all padding
             tokens += int(mask_k.sum())
-            out = self.model(input_ids=ids_k, attention_mask=mask_k, stm_state=stm, use_cache=False)
+            out = unwrapped(input_ids=ids_k, attention_mask=mask_k, stm_state=stm, use_cache=False)
             logits = out.logits[:, :-1].float()  # [B, T-1, V]
             targets = labels[:, k, 1:]  # [B, T-1] next-token targets
             valid = (targets != IGNORE_INDEX) & rows[:, None]  # [B, T-1]
@@ -536,7 +434,7 @@ class SMATTrainer(RxTTrainer):
 
         if not turn_losses:
             zero = sum(p.sum() * 0.0 for p in unwrapped.parameters() if p.requires_grad)
-            return zero, {"loss": 0.0}, tokens
+            return StageOutput(zero, {"loss": 0.0}, tokens)
         ce_loss = torch.stack(turn_losses).mean()
         loss = ce_loss
         if aux_losses:
@@ -551,4 +449,123 @@ class SMATTrainer(RxTTrainer):
         )
         if recall_total:
             metrics["recall_accuracy"] = recall_hits / recall_total
-        return loss, metrics, tokens
+        return StageOutput(loss, metrics, tokens)
+
+
+class SMATTrainer(RxTStageTrainer):
+    """Stage 4 trainer: supervised memory-aware training with gradual unfreezing and a turn curriculum.
+
+    A batch is ``[B, N, T]`` (``ConversationCollator``). The memory starts fresh (``init_memory``); for each
+    turn ``k`` the decoder reads the current STM and is scored on the answer tokens of turn ``k``
+    (cross-entropy weighted by ``loss_weights`` when the collator gives them, e.g. recall answers x3; rows
+    whose conversation has no turn ``k`` are excluded), then ``update_memory`` writes the whole interaction
+    into the STM (rows without turn ``k`` keep their memory). The loss is the mean over turns of the
+    token-weighted cross-entropy, plus the MoE router auxiliary loss. Gradients flow through the memory
+    across all turns unless ``backprop_turns`` truncates them (the STM is detached before the update of every
+    turn ``k`` with ``k % backprop_turns == 0``).
+
+    ``train_dataset`` is one data set, or a dict ``{num_turns: data set}`` selected by ``turn_curriculum``;
+    batches come from :class:`TurnCurriculum` (deterministic and resumable from ``global_step`` alone) through
+    :class:`CurriculumBatches`. The default collator is ``ConversationCollator(processing_class, max_length,
+    recall_weight)``. Every parameter is trainable when the optimizer and a distributed wrapper are built;
+    ``freeze_schedule`` then sets ``requires_grad`` before each optimizer step (a frozen parameter gets no
+    gradient, and AdamW leaves a parameter without one alone: no update, no weight decay).
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from modeling_rxt.tokenization_rxt import build_tokenizer
+    >>> from trainers.data import ConversationCollator
+    >>> from trainers.synthetic_data import build_synthetic_dataset
+    >>> from trainers.smat_trainer import SMATConfig, SMATTrainer
+    >>> sets = {n: build_synthetic_dataset("multi-turn", num_conversations=20, num_turns=n, max_recall_distance=n - 1,
+    ...                                    seed=n)["train"] for n in (2, 3)}
+    >>> texts = [r["query"] + " " + r["answer"] for r in sets[3]]
+    >>> tokenizer = build_tokenizer(texts, vocab_size=300, min_frequency=1, model_max_length=64)
+    >>> model = RxTForCausalLM(RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer)))
+    >>> args = SMATConfig(output_dir=tempfile.mkdtemp(), max_steps=4, per_device_train_batch_size=4, max_length=64,
+    ...                   turn_curriculum=[(0.0, 2), (0.5, 3)], recall_weight=3.0,
+    ...                   freeze_schedule={"decoder": 0, "memory_attention": 0, "encoder": 2, "embedding": 2},
+    ...                   report_to="none", disable_tqdm=True)
+    >>> trainer = SMATTrainer(model, args, train_dataset=sets, processing_class=tokenizer)
+    >>> metrics = trainer.train().metrics
+    >>> trainer.curriculum.num_turns(0), trainer.curriculum.num_turns(3)
+    (2, 3)
+
+    ```
+    """
+
+    args_class = SMATConfig
+    stage_name = "smat"
+
+    def __init__(self, model, args: SMATConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, **kwargs):
+        # Every parameter trainable while the optimizer and any distributed wrapper are built; `freeze_schedule`
+        # freezes what must wait at each step (`on_step_begin`).
+        for param in model.parameters():
+            param.requires_grad_(True)
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        args = self.args
+        self.curriculum = TurnCurriculum(
+            train_dataset,
+            args.turn_curriculum,
+            max_steps=args.max_steps,
+            batch_size=args.per_device_train_batch_size,
+            collator=self.data_collator,
+            seed=args.seed,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            num_processes=self.accelerator.num_processes,
+            process_index=self.accelerator.process_index,
+        )
+        self.freeze_steps = {
+            name: resolve_schedule_step(args.freeze_schedule.get(name), args.max_steps, f"freeze_schedule[{name!r}]")
+            for name in SMAT_COMPONENTS
+        }
+        self.current_num_turns = self.curriculum.num_turns(0)
+
+    def build_stage_module(self, model, args: SMATConfig) -> SMATObjective:
+        return SMATObjective(model, args)
+
+    def default_data_collator(self, args, processing_class, train_dataset):
+        from .data import ConversationCollator
+
+        if processing_class is None:
+            return None
+        return ConversationCollator(processing_class, max_length=args.max_length, recall_weight=args.recall_weight)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The curriculum's batches in training order (:class:`CurriculumBatches`); each process reads its own
+        share (the curriculum splits every global batch by process), so the loader is not sharded again."""
+        return DataLoader(CurriculumBatches(self.curriculum, self.args.max_steps), batch_size=1, shuffle=False,
+                          collate_fn=first_item, num_workers=self.args.dataloader_num_workers)
+
+    # --- gradual unfreezing -------------------------------------------------------------------------
+
+    def component_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
+        return component_parameters(self.rxt_model)
+
+    def data_description(self) -> str:
+        if not self.curriculum.is_dict:
+            return super().data_description()
+        sizes = ", ".join(f"{n} turns: {len(d)}" for n, d in sorted(self.curriculum.datasets.items()))
+        phases = ", ".join(f"from step {start}: {turns} turns" for start, turns in self.curriculum.phases)
+        return f"Multi-turn conversations, one set per turn count ({sizes} conversations); curriculum: {phases}."
+
+    def trainable_components(self, step: int) -> list[str]:
+        steps = self.freeze_steps
+        return [n for n in SMAT_COMPONENTS if steps.get(n) is not None and step >= steps[n]]
+
+    def apply_unfreeze(self, step: int) -> list[str]:
+        """Set ``requires_grad`` for optimizer step ``step``; returns the trainable components."""
+        active = self.trainable_components(step)
+        for name, params in self.component_parameters().items():
+            for param in params:
+                param.requires_grad_(name in active)
+        return active
+
+    def on_step_begin(self, step: int) -> None:
+        super().on_step_begin(step)
+        self.apply_unfreeze(step)
+        self.current_num_turns = self.curriculum.num_turns(step)
