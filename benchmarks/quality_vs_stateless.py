@@ -72,7 +72,7 @@ DEFAULTS = dict(
     model_overrides=None,  # extra RxTConfig overrides on top of the recipe's (from scratch)
     learning_rate=None,  # None: the SMAT stage's
     batch_size=None,  # None: the SMAT stage's
-    recall_weight=None,  # None: the SMAT stage's data.recall_weight
+    recall_weight=None,  # None: the SMAT stage's config.recall_weight
     eval_conversations=None,  # None: the recipe's evaluation.num_conversations
     max_new_tokens=None,
     eval_batch_size=None,
@@ -141,9 +141,9 @@ def _settings(opts: dict[str, Any], seed: int) -> dict[str, Any]:
         "turn_datasets": sorted({n for n in (data.get("turn_datasets") or []) if n <= num_turns} | {num_turns}),
         "smat_config": smat_config,
         "learning_rate": float(pick("learning_rate", smat_config.get("learning_rate", 1e-3))),
-        "batch_size": int(pick("batch_size", smat_config.get("per_device_batch_size", 16))),
+        "batch_size": int(pick("batch_size", smat_config.get("per_device_train_batch_size", 16))),
         "interaction_max_length": int(smat_config.get("max_length", 256)),
-        "recall_weight": float(pick("recall_weight", data.get("recall_weight") or 1.0)),
+        "recall_weight": float(pick("recall_weight", smat_config.get("recall_weight") or 1.0)),
         "eval_conversations": pick("eval_conversations", recipe.evaluation.get("num_conversations")),
         "max_new_tokens": int(pick("max_new_tokens", recipe.evaluation.get("max_new_tokens", 32))),
         "eval_batch_size": int(pick("eval_batch_size", recipe.evaluation.get("batch_size", 32))),
@@ -266,13 +266,16 @@ def train_llama(model, conversations: list[tuple[list[int], list[float]]], minut
                 adam_betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.05, min_lr_ratio: float = 0.1,
                 max_grad_norm: float = 1.0, log_every: int = 25) -> dict[str, Any]:
     """Train for `minutes` of wall-clock time: shuffled batches of whole conversations, AdamW, linear warmup then
-    cosine decay over the *time* budget (the schedule ends when the budget does), gradient clipping."""
-    from trainers.trainer_base import warmup_cosine_lambda
+    cosine decay over the *time* budget (the schedule ends when the budget does; the RxT stages' schedule,
+    transformers' cosine_with_min_lr), gradient clipping."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     if len(conversations) < batch_size:
         raise ValueError(f"{len(conversations)} training conversations, fewer than one batch ({batch_size}).")
-    schedule = warmup_cosine_lambda(LR_GRID, int(round(warmup_ratio * LR_GRID)), min_lr_ratio)
     optimizer = torch.optim.AdamW(_optimizer_groups(model, weight_decay), lr=learning_rate, betas=adam_betas)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, int(round(warmup_ratio * LR_GRID)), LR_GRID, min_lr_rate=min_lr_ratio
+    ).lr_lambdas[0]  # the factor at a grid position of the time budget
     generator = torch.Generator().manual_seed(seed)
     budget = minutes * 60.0
     model.train()
@@ -476,26 +479,26 @@ def _smat_trainer(model, tokenizer, settings: dict, train_sets: dict, output_dir
     from trainers.data import ConversationCollator
     from trainers.smat_trainer import SMATConfig, SMATTrainer
 
-    base = {k: v for k, v in settings["smat_config"].items() if k not in ("unfreeze_schedule", "turn_curriculum")}
+    base = {k: v for k, v in settings["smat_config"].items() if k not in ("freeze_schedule", "turn_curriculum")}
     args = SMATConfig(**{
         **base,
         "output_dir": output_dir,
         "max_steps": max(1, int(max_steps)),
         "max_time_minutes": minutes,
-        "per_device_batch_size": settings["batch_size"],
+        "per_device_train_batch_size": settings["batch_size"],
         "learning_rate": settings["learning_rate"],
         "seed": settings["model_seed"],
         "turn_curriculum": [tuple(entry) for entry in settings["turn_curriculum"]],
         # from scratch nothing is pre-trained: every component learns from step 0
-        "unfreeze_schedule": {"decoder": 0, "memory_attention": 0, "encoder": 0, "embedding": 0},
+        "freeze_schedule": {"decoder": 0, "memory_attention": 0, "encoder": 0, "embedding": 0},
         "logging_steps": max(1, min(int(base.get("logging_steps", 25)), int(max_steps))),
         "report_to": "none",
         "disable_tqdm": True,
-        "save_steps": None,
+        "save_strategy": "no",
         "eval_steps": None,
     })
     collator = ConversationCollator(tokenizer, max_length=args.max_length, recall_weight=settings["recall_weight"])
-    return SMATTrainer(model, args, train_sets, tokenizer=tokenizer, data_collator=collator)
+    return SMATTrainer(model, args, train_dataset=train_sets, processing_class=tokenizer, data_collator=collator)
 
 
 def probe_smat_step_seconds(model, tokenizer, settings: dict, train_sets: dict, output_dir: str, repeats: int = 2) -> dict[int, float]:
@@ -511,7 +514,7 @@ def probe_smat_step_seconds(model, tokenizer, settings: dict, train_sets: dict, 
             size = len(train_sets[turns])
             rows = [train_sets[turns][i % size] for i in range(repeat * settings["batch_size"], (repeat + 1) * settings["batch_size"])]
             batch = trainer.curriculum.collate(rows, turns)
-            loss, _, _ = trainer.compute_loss(batch)
+            loss, _, _ = trainer.model(batch)  # the SMAT stage module's forward
             loss.backward()
             samples.append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
@@ -542,16 +545,17 @@ def train_rxt_from_scratch(model, tokenizer, settings: dict, minutes: float, wor
     probe_s = time.perf_counter() - probe_start
     max_steps = planned_smat_steps(step_seconds, settings["turn_curriculum"], minutes)
     trainer = _smat_trainer(model, tokenizer, settings, train_sets, str(Path(workdir) / "smat"), max_steps, minutes)
-    metrics = trainer.train()
+    metrics = trainer.train().metrics
     model.eval()
+    runtime, tokens = float(metrics["train_runtime"]), int(trainer.state.num_input_tokens_seen)
     return {
-        "train_minutes": float(metrics["train_runtime_s"]) / 60.0,
-        "steps": int(metrics["global_step"]),
+        "train_minutes": runtime / 60.0,
+        "steps": int(trainer.state.global_step),
         "planned_steps": max_steps,
-        "tokens": int(metrics["tokens_seen"]),
-        "tokens_per_s": float(metrics["tokens_per_s"]),
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(runtime, 1e-9),
         "final_loss": metrics.get("train_loss"),
-        "stopped_by": metrics.get("stopped_by"),
+        "stopped_by": trainer.stopped_by,
         "probe_step_seconds": step_seconds,
         "probe_s": probe_s,
         "turn_curriculum": settings["turn_curriculum"],
@@ -612,7 +616,9 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
                     if opts["learning_rate"] is None:
                         settings["learning_rate"] = float(facts["smat_config"].get("learning_rate", settings["learning_rate"]))
                     if opts["batch_size"] is None:
-                        settings["batch_size"] = int(facts["smat_config"].get("per_device_batch_size", settings["batch_size"]))
+                        smat = facts["smat_config"]  # a model trained before the one vocabulary says per_device_batch_size
+                        size = smat.get("per_device_train_batch_size", smat.get("per_device_batch_size"))
+                        settings["batch_size"] = int(size if size is not None else settings["batch_size"])
                     settings["interaction_max_length"] = int(facts["smat_config"].get("max_length", settings["interaction_max_length"]))
                 notes.append(
                     f"RxT: the trained model {folder} (not retrained here); its training time "

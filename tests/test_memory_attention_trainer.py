@@ -132,8 +132,8 @@ def test_trains_only_memory_attention_and_loss_falls(tiny_tokenizer, tmp_path):
     )
     from datasets import Dataset
 
-    trainer = MemoryAttentionTrainer(model, args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer,
-                                     data_collator=collator)
+    trainer = MemoryAttentionTrainer(model, args, train_dataset=Dataset.from_list(rows),
+                                     processing_class=tiny_tokenizer, data_collator=collator)
     assert all(p.requires_grad == n.startswith("model.memory_attention.") for n, p in model.named_parameters())
     batch = collator(rows)
     model.eval()

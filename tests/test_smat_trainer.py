@@ -213,7 +213,8 @@ def test_trainer_follows_the_curriculum(tiny_tokenizer, tmp_path):
     # was read before it (a resumed run skips the first global_step x accumulation items)
     got = list(trainer.get_train_dataloader())
     assert len(got) == 8
-    assert [b["conversation_id"] for b in got[6:8]] == [trainer.curriculum.batch(3, m)["conversation_id"] for m in (0, 1)]
+    expected = [trainer.curriculum.batch(3, m)["conversation_id"] for m in (0, 1)]
+    assert [b["conversation_id"] for b in got[6:8]] == expected
 
 
 # --- gradients through the memory, missing turns ---------------------------------------------------------------

@@ -72,6 +72,7 @@ def _args(tmp_path, name="run", **overrides):
         ("save_steps", 0),
         ("max_length", 0),
         ("weight_decay", -0.1),
+        ("max_time_minutes", -2),
     ],
 )
 def test_config_validation_names_field(field, value):
@@ -160,6 +161,14 @@ def test_save_model_writes_card_and_history(tmp_path, tiny_tokenizer):
     assert history[1]["config"]["mode"] == "sft"
     card2 = (out2 / "README.md").read_text()
     assert "| 2 | joint-sft | 1 |" in card2 and "| 1 | 80.0% | 5.0% |" in card2 and "| perplexity | 3.2 |" in card2
+
+
+def test_time_budget_stops_with_a_checkpoint(tmp_path, tiny_tokenizer):
+    args = _args(tmp_path, max_steps=1000, max_time_minutes=0.001, save_strategy="no")  # 60 ms
+    trainer = JointLMTrainer(_model(tiny_tokenizer), args, train_dataset=_texts(8), processing_class=tiny_tokenizer)
+    trainer.train()
+    assert trainer.stopped_by == "max_time_minutes" and 1 <= trainer.state.global_step < 1000
+    assert get_last_checkpoint(str(tmp_path / "run")).endswith(f"checkpoint-{trainer.state.global_step}")
 
 
 def test_model_card_without_history(tiny_tokenizer):
