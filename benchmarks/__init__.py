@@ -4,7 +4,7 @@ Every benchmark is a module with ``run(smoke=False, output_dir=None, threads=Non
 returning its payload (see :mod:`benchmarks.timing` for the schema) after writing ``OUTPUT_DIR/NAME.json``
 (default ``benchmarks/results/``). ``smoke=True`` runs tiny sizes in seconds (for tests).
 
-    >>> from benchmarks import run_benchmark
+    >>> from rxt_hf.benchmarks import run_benchmark
     >>> payload = run_benchmark("memory-precache", smoke=True)  # doctest: +SKIP
 """
 
@@ -15,14 +15,14 @@ from typing import Any
 
 # name -> module (imported lazily: importing the package stays cheap)
 BENCHMARKS: dict[str, str] = {
-    "latency-per-turn": "benchmarks.latency_per_turn",
-    "decode-overhead": "benchmarks.decode_overhead",
-    "memory-precache": "benchmarks.memory_precache",
-    "attention-variants": "benchmarks.attention_variants",
-    "batched-interactions": "benchmarks.batched_interactions",
-    "quality-vs-stateless": "benchmarks.quality_vs_stateless",
-    "tensorbleu": "benchmarks.tensorbleu",
-    "serve": "benchmarks.serve",
+    "latency-per-turn": "rxt_hf.benchmarks.latency_per_turn",
+    "decode-overhead": "rxt_hf.benchmarks.decode_overhead",
+    "memory-precache": "rxt_hf.benchmarks.memory_precache",
+    "attention-variants": "rxt_hf.benchmarks.attention_variants",
+    "batched-interactions": "rxt_hf.benchmarks.batched_interactions",
+    "quality-vs-stateless": "rxt_hf.benchmarks.quality_vs_stateless",
+    "tensorbleu": "rxt_hf.benchmarks.tensorbleu",
+    "serve": "rxt_hf.benchmarks.serve",
 }
 
 

@@ -2,7 +2,7 @@
 
 Wire it into the ``rxt`` parser with::
 
-    from benchmarks.cli import add_bench_command
+    from rxt_hf.benchmarks.cli import add_bench_command
     add_bench_command(subparsers)
 """
 
@@ -108,8 +108,8 @@ def add_bench_command(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Standalone entry point: `python -m benchmarks.cli NAME|all ...`."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cli")
+    """Standalone entry point: `python -m rxt_hf.benchmarks.cli NAME|all ...`."""
+    parser = argparse.ArgumentParser(prog="python -m rxt_hf.benchmarks.cli")
     subparsers = parser.add_subparsers(dest="command")
     add_bench_command(subparsers)
     args = parser.parse_args(["bench", *(argv if argv is not None else __import__("sys").argv[1:])])

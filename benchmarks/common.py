@@ -20,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache, LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
 
 DEFAULT_PRESET = "rxt-alpha-micro"
 FIRST_CONTENT_TOKEN = 8  # ids below are RxT's special tokens ([BOS] [EOS] [PAD] [UNK] [MASK] [Q] [A] [T])

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from modeling_rxt import CACHE_FIELD, output_cache
+from rxt_hf.modeling_rxt import CACHE_FIELD, output_cache
 
 from . import timing
 from .common import (

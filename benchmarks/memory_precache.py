@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from modeling_rxt import CACHE_FIELD
+from rxt_hf.modeling_rxt import CACHE_FIELD
 
 from . import timing
 from .common import (

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from modeling_rxt.format_rxt import IGNORE_INDEX, pad_rows
+from rxt_hf.modeling_rxt.format_rxt import IGNORE_INDEX, pad_rows
 
 from . import timing
 from .common import describe_llama, describe_rxt, llama_config_for
@@ -117,7 +117,7 @@ def _resolve_path(path: str | Path) -> Path:
 
 def _settings(opts: dict[str, Any], seed: int) -> dict[str, Any]:
     """Data, tokenizer, model, SMAT and evaluation settings: the recipe's, then the benchmark's options."""
-    from recipes.recipe import load_recipe
+    from rxt_hf.recipes.recipe import load_recipe
 
     recipe = load_recipe(_resolve_path(opts["recipe"]))
     smat = next((s for s in recipe.stages if s.trainer == "smat"), None)
@@ -161,7 +161,7 @@ def _settings(opts: dict[str, Any], seed: int) -> dict[str, Any]:
 
 def multi_turn_split(settings: dict, num_turns: int):
     """The embedded multi-turn DatasetDict with `num_turns` turns (what the recipe's SMAT stage reads)."""
-    from trainers.data import load_rxt_dataset
+    from rxt_hf.trainers.data import load_rxt_dataset
 
     return load_rxt_dataset(
         "synthetic",
@@ -230,7 +230,7 @@ def encode_conversation(tokenizer, row: dict, interaction_max_length: int, recal
     """`[BOS][Q] q1 [A] a1 [EOS][BOS][Q] q2 ...` (each interaction framed and truncated exactly like SMAT's
     collator) and per-token loss weights aligned with it: 0 on queries and special prefixes, 1 on answer
     tokens and each closing `[EOS]`, `recall_weight` on the answers of recall turns."""
-    from trainers.data import tokenize_interaction
+    from rxt_hf.trainers.data import tokenize_interaction
 
     ids, weights = [], []
     for turn in conversation_turns(row):
@@ -330,8 +330,8 @@ def evaluate_stateless(model, tokenizer, rows: list[dict], max_new_tokens: int, 
     chat would hold), each `[BOS][Q] q [A] answer [EOS]`. Perplexity: the reference interaction of turn k
     teacher-forced after that context (cross-entropy over its answer tokens and `[EOS]`, the tokens RxT's
     evaluation scores); recall: the greedy answer to the query after that context."""
-    from modeling_rxt.format_rxt import encode_interaction, special_token_ids
-    from trainers.evaluation import keywords_match
+    from rxt_hf.modeling_rxt.format_rxt import encode_interaction, special_token_ids
+    from rxt_hf.trainers.evaluation import keywords_match
 
     ids = special_token_ids(tokenizer)
     eos_id, pad_id = ids["eos_token_id"], ids["pad_token_id"]
@@ -425,7 +425,7 @@ def _read_json(path: Path) -> Any:
 def trained_rxt_facts(folder: Path) -> dict[str, Any]:
     """Training time, steps and tokens of a trained RxT folder: `run_summary.json` (the folder's or its
     parent's) and the stage history in `rxt_training_history.json`."""
-    from trainers.trainer_base import load_training_history
+    from rxt_hf.trainers.trainer_base import load_training_history
 
     history = load_training_history(folder)
     summary, summary_path = None, None
@@ -451,8 +451,8 @@ def trained_rxt_facts(folder: Path) -> dict[str, Any]:
 
 def build_fresh_rxt(settings: dict):
     """Tokenizer (trained on the recipe's pre-training texts) and a fresh RxT built like the recipe's model."""
-    from modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
-    from trainers.data import load_rxt_dataset
+    from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
+    from rxt_hf.trainers.data import load_rxt_dataset
 
     texts = load_rxt_dataset(
         "synthetic",
@@ -476,8 +476,8 @@ def build_fresh_rxt(settings: dict):
 
 def _smat_trainer(model, tokenizer, settings: dict, train_sets: dict, output_dir: str, max_steps: int,
                   minutes: float | None):
-    from trainers.data import ConversationCollator
-    from trainers.smat_trainer import SMATConfig, SMATTrainer
+    from rxt_hf.trainers.data import ConversationCollator
+    from rxt_hf.trainers.smat_trainer import SMATConfig, SMATTrainer
 
     base = {k: v for k, v in settings["smat_config"].items() if k not in ("freeze_schedule", "turn_curriculum")}
     args = SMATConfig(**{
@@ -578,8 +578,8 @@ def _recall_at(accuracy: dict, distance: int) -> tuple[int | None, float | None]
 
 
 def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: int = 0, plot: bool = True, **options) -> dict:
-    from modeling_rxt import RxTForCausalLM, special_token_ids
-    from trainers.evaluation import evaluate_memory
+    from rxt_hf.modeling_rxt import RxTForCausalLM, special_token_ids
+    from rxt_hf.trainers.evaluation import evaluate_memory
 
     opts = timing.resolve_options(DEFAULTS, SMOKE, smoke, options)
     if opts["rxt_minutes_source"] not in ("run_summary", "stages"):

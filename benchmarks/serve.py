@@ -94,7 +94,7 @@ class _Barrier:
 
 
 async def _conversation(client, index: int, warmup: int, timed: int, barrier: _Barrier, record: dict) -> None:
-    from serving.server import aiter_sse
+    from rxt_hf.serving.server import aiter_sse
 
     response = await client.post("/v1/conversations", json={})
     response.raise_for_status()
@@ -146,7 +146,7 @@ async def _load(url: str, conversations: int, warmup: int, timed: int) -> dict:
 
 def _serve_level(model, tokenizer, store_url: str, max_batch_size: int, conversations: int, opts: dict) -> dict:
     """One server (fresh store) under one load; adds the engine's batch statistics."""
-    from serving.server import BackgroundServer, ServeConfig, create_app
+    from rxt_hf.serving.server import BackgroundServer, ServeConfig, create_app
 
     config = ServeConfig(
         store=store_url,
@@ -169,7 +169,7 @@ def _serve_level(model, tokenizer, store_url: str, max_batch_size: int, conversa
 
 
 def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: int = 0, plot: bool = True, **options) -> dict:
-    from modeling_rxt.tokenization_rxt import build_tokenizer
+    from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
 
     opts = timing.resolve_options(DEFAULTS, SMOKE, smoke, options)
     if opts["store"] not in STORES:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from trainers.tensorbleu import TensorBLEU
+from rxt_hf.trainers.tensorbleu import TensorBLEU
 
 from . import timing
 

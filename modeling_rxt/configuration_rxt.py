@@ -110,7 +110,7 @@ class RxTConfig(PreTrainedConfig):
     Example:
 
     ```python
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
     >>> config = RxTConfig.from_preset("rxt-tiny")
     >>> model = RxTForCausalLM(config)
     ```

@@ -1335,7 +1335,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     Example:
 
     ```python
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
     >>> model = RxTForCausalLM(RxTConfig.from_preset("rxt-tiny")).eval()
     >>> stm = model.init_memory(batch_size=1)
     >>> query = torch.tensor([[0, 5, 42, 43, 6]])  # [BOS][Q] ... [A]

@@ -19,15 +19,10 @@ PACKAGE_NAME = "rxt-hf"
 
 
 def package_version() -> str:
-    """Installed version of ``rxt-hf`` (falls back to ``recipes.__version__`` when run from a source tree)."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
+    """The version of ``rxt-hf`` (written once, in ``rxt_hf/__init__.py``)."""
+    from rxt_hf import __version__
 
-        return version(PACKAGE_NAME)
-    except PackageNotFoundError:
-        from recipes import __version__
-
-        return __version__
+    return __version__
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -133,7 +128,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     serve.add_argument("arguments", nargs=argparse.REMAINDER)
     serve.set_defaults(func=command_serve)
 
-    from benchmarks.cli import add_bench_command
+    from rxt_hf.benchmarks.cli import add_bench_command
 
     add_bench_command(subparsers)
     return parser, subparsers
@@ -147,8 +142,8 @@ def set_threads(threads: int | None) -> None:
 
 
 def command_train(args) -> int:
-    from recipes.pipeline import run_recipe
-    from recipes.recipe import load_recipe
+    from rxt_hf.recipes.pipeline import run_recipe
+    from rxt_hf.recipes.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # validates everything before any training
     set_threads(args.threads)
@@ -169,8 +164,8 @@ def command_train(args) -> int:
 def command_eval(args) -> int:
     from pathlib import Path
 
-    from recipes.pipeline import evaluate_model
-    from recipes.recipe import load_recipe
+    from rxt_hf.recipes.pipeline import evaluate_model
+    from rxt_hf.recipes.recipe import load_recipe
 
     set_threads(args.threads)
     data, settings, seed = {}, {}, 0
@@ -198,7 +193,7 @@ def command_chat(args) -> int:
 
     from transformers import AutoTokenizer
 
-    from modeling_rxt import RxTChat, RxTForCausalLM
+    from rxt_hf.modeling_rxt import RxTChat, RxTForCausalLM
 
     model = RxTForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -234,7 +229,7 @@ def command_convert(args) -> int:
     import json
     import logging
 
-    from recipes.convert import ReferenceConversionError, convert_reference_checkpoint
+    from rxt_hf.recipes.convert import ReferenceConversionError, convert_reference_checkpoint
 
     components = (args.decoder, args.encoder, args.memory_attention)
     if len(args.paths) > 2 or (len(args.paths) == 1 and not any(components)):
@@ -269,7 +264,7 @@ def command_convert(args) -> int:
 
 def command_serve(args) -> int:
     try:
-        from serving.server import main as serve_main
+        from rxt_hf.serving.server import main as serve_main
     except ModuleNotFoundError as error:
         if error.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise

@@ -928,7 +928,7 @@ def special_token_ids(
     tokenizer_file: Path, vocab: dict[str, int], tokenizer_config: dict | None
 ) -> dict[str, int | None]:
     """This project's special-token fields, from the reference's `tokenizer_config` or the token names."""
-    from modeling_rxt.format_rxt import TOKEN_FIELDS as names
+    from rxt_hf.modeling_rxt.format_rxt import TOKEN_FIELDS as names
 
     ids: dict[str, int | None] = {name: vocab.get(token) for name, token in names.items()}
     for name, value in (tokenizer_config or {}).items():
@@ -948,7 +948,7 @@ def convert_tokenizer(tokenizer_file: Path, ids: dict[str, int | None], model_ma
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from modeling_rxt.format_rxt import RXT_CHAT_TEMPLATE
+    from rxt_hf.modeling_rxt.format_rxt import RXT_CHAT_TEMPLATE
 
     try:
         backend = Tokenizer.from_file(str(tokenizer_file))
@@ -1134,7 +1134,7 @@ def convert_reference_checkpoint(
         ReferenceConversionError: not a reference checkpoint, an unsupported variant or feature, a missing or
             unexpected tensor, a shape that does not follow from config.json; the message names file and key.
     """
-    from modeling_rxt import RxTConfig, RxTForCausalLM
+    from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
 
     if rope_layout not in ROPE_LAYOUTS:
         raise ReferenceConversionError(

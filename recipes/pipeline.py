@@ -28,9 +28,9 @@ import torch
 from transformers import AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
-from trainers.data import load_rxt_dataset
-from trainers.evaluation import evaluate_memory, format_evaluation_table
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
+from rxt_hf.trainers.data import load_rxt_dataset
+from rxt_hf.trainers.evaluation import evaluate_memory, format_evaluation_table
 
 from .plots import plot_recall, plot_training_curves
 from .recipe import Recipe, StageSpec
@@ -215,7 +215,7 @@ def run_stage(recipe: Recipe, stage: StageSpec, model, tokenizer, output_dir: Pa
 def report_preferences(stage: StageSpec, folder: Path, count: int, before: dict | None, after: dict) -> None:
     """A preference stage's accuracy on the held-out conversations before and after it, written to
     `preference_evaluation.json` in the stage folder (the final evaluation adds it to the model card)."""
-    from trainers.rxrlhf_trainer import format_preference_table
+    from rxt_hf.trainers.rxrlhf_trainer import format_preference_table
 
     report = {"num_conversations": count, "before": before, "after": after}
     (folder / PREFERENCE_FILE).write_text(json.dumps(report, indent=2, default=str))
@@ -290,8 +290,8 @@ def evaluate_model(
 ) -> dict:
     """Evaluate a saved model on the held-out test split (embedded data by default); writes evaluation.json / .md
     next to the model folder and puts the table into its model card."""
-    from trainers.model_card import write_model_card
-    from trainers.trainer_base import load_training_history
+    from rxt_hf.trainers.model_card import write_model_card
+    from rxt_hf.trainers.trainer_base import load_training_history
 
     folder, settings, data = Path(folder), dict(settings or {}), dict(data or {})
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -317,7 +317,7 @@ def evaluate_model(
     table = format_evaluation_table(result)
     preference = folder / PREFERENCE_FILE
     if preference.is_file():  # the model's rxrlhf stage measured preference accuracy before / after
-        from trainers.rxrlhf_trainer import format_preference_table
+        from rxt_hf.trainers.rxrlhf_trainer import format_preference_table
 
         report = json.loads(preference.read_text())
         for when in ("before", "after"):

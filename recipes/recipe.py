@@ -45,11 +45,11 @@ import importlib
 
 # trainer name -> (module, config class, trainer class); imported on use (the MRL stage pulls in TRL)
 STAGE_TRAINERS = {
-    "joint-lm": ("trainers.joint_lm_trainer", "JointLMConfig", "JointLMTrainer"),
-    "memory-attention": ("trainers.memory_attention_trainer", "MemoryAttentionConfig", "MemoryAttentionTrainer"),
-    "smat": ("trainers.smat_trainer", "SMATConfig", "SMATTrainer"),
-    "mrl": ("trainers.mrl_trainer", "MRLConfig", "MRLTrainer"),
-    "rxrlhf": ("trainers.rxrlhf_trainer", "RxRLHFConfig", "RxRLHFTrainer"),
+    "joint-lm": ("rxt_hf.trainers.joint_lm_trainer", "JointLMConfig", "JointLMTrainer"),
+    "memory-attention": ("rxt_hf.trainers.memory_attention_trainer", "MemoryAttentionConfig", "MemoryAttentionTrainer"),
+    "smat": ("rxt_hf.trainers.smat_trainer", "SMATConfig", "SMATTrainer"),
+    "mrl": ("rxt_hf.trainers.mrl_trainer", "MRLConfig", "MRLTrainer"),
+    "rxrlhf": ("rxt_hf.trainers.rxrlhf_trainer", "RxRLHFConfig", "RxRLHFTrainer"),
 }
 
 

@@ -38,9 +38,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from modeling_rxt.format_rxt import IncrementalDetokenizer, pad_rows, render_interaction
-from modeling_rxt.interaction_rxt import interaction_rows, split_answers
-from serving.store import ConversationNotFound, IncompatibleMemory, VersionConflict
+from rxt_hf.modeling_rxt.format_rxt import IncrementalDetokenizer, pad_rows, render_interaction
+from rxt_hf.modeling_rxt.interaction_rxt import interaction_rows, split_answers
+from rxt_hf.serving.store import ConversationNotFound, IncompatibleMemory, VersionConflict
 
 logger = logging.getLogger(__name__)
 

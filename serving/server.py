@@ -54,9 +54,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modeling_rxt.format_rxt import stm_to_bytes
-from serving.engine import AsyncEvents, BatchingEngine, EngineConfig, Sampling, Turn, TurnFailed
-from serving.security import (
+from rxt_hf.modeling_rxt.format_rxt import stm_to_bytes
+from rxt_hf.serving.engine import AsyncEvents, BatchingEngine, EngineConfig, Sampling, Turn, TurnFailed
+from rxt_hf.serving.security import (
     ApiError,
     ApiKeys,
     BodySizeLimit,
@@ -65,7 +65,7 @@ from serving.security import (
     error_body,
     read_api_keys,
 )
-from serving.store import (
+from rxt_hf.serving.store import (
     ConversationExists,
     ConversationNotFound,
     IncompatibleMemory,
@@ -574,7 +574,7 @@ def load_model(folder: str):
     """Model (eval mode) and tokenizer of a saved RxT folder, with a clear error for a wrong path."""
     from transformers import AutoTokenizer
 
-    from modeling_rxt import RxTForCausalLM
+    from rxt_hf.modeling_rxt import RxTForCausalLM
 
     path = Path(folder)
     if not (path / "config.json").is_file():
@@ -873,7 +873,7 @@ def serve(config: ServeConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`rxt serve ...` / `python -m serving.server ...`."""
+    """`rxt serve ...` / `python -m rxt_hf.serving.server ...`."""
     import sys
 
     try:

@@ -43,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
-from modeling_rxt.format_rxt import stm_from_bytes, stm_to_bytes
+from rxt_hf.modeling_rxt.format_rxt import stm_from_bytes, stm_to_bytes
 
 __all__ = [
     "StoreError",

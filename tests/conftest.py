@@ -68,6 +68,6 @@ def tiny_tokenizer(tiny_corpus_texts):
 
     Do not mutate it in tests (padding_side etc.); copy it first if needed.
     """
-    from modeling_rxt.tokenization_rxt import build_tokenizer
+    from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
 
     return build_tokenizer(tiny_corpus_texts, vocab_size=400, min_frequency=2, model_max_length=128)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import tiny_corpus
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from recipes.cli import main
-from recipes.recipe import load_recipe
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.recipes.cli import main
+from rxt_hf.recipes.recipe import load_recipe
 
 ALPHA_MICRO = "recipes/rxt-alpha-micro.yaml"
 MRL_SUBSETS = {  # subset -> (follow-up interactions per conversation, split -> rows); the Hub set's splits
@@ -214,7 +214,7 @@ FINETUNE = "recipes/finetune-converted.yaml"
 
 def saved_checkpoint(folder):
     """A folder as `rxt convert` writes one: RxTForCausalLM.save_pretrained + its tokenizer (here rxt-tiny)."""
-    from modeling_rxt import build_tokenizer, special_token_ids
+    from rxt_hf.modeling_rxt import build_tokenizer, special_token_ids
 
     tokenizer = build_tokenizer(tiny_corpus(240), vocab_size=400, model_max_length=48)
     config = RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer), max_position_embeddings=48,

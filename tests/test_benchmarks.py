@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from benchmarks import BENCHMARKS, get_benchmark, run_benchmark, timing
-from benchmarks.cli import add_bench_command, load_results, targets_markdown
-from benchmarks.common import (
+from rxt_hf.benchmarks import BENCHMARKS, get_benchmark, run_benchmark, timing
+from rxt_hf.benchmarks.cli import add_bench_command, load_results, targets_markdown
+from rxt_hf.benchmarks.common import (
     CallCounter,
     RecomputedMemoryCache,
     TokenTimer,
@@ -27,8 +27,8 @@ from benchmarks.common import (
     rxt_query,
     stm_bytes,
 )
-from benchmarks.memory_precache import generate_both
-from modeling_rxt import CACHE_FIELD, RxTConfig, output_cache
+from rxt_hf.benchmarks.memory_precache import generate_both
+from rxt_hf.modeling_rxt import CACHE_FIELD, RxTConfig, output_cache
 
 PAYLOAD_KEYS = {"name", "description", "smoke", "created", "duration_s", "machine", "config", "results", "targets", "plots", "notes"}
 TARGET_KEYS = {"description", "measured", "target", "comparison", "met"}
@@ -132,7 +132,7 @@ def test_batched_interactions_levels(smoke_results):
 
 
 def test_tensorbleu_smoke_agrees_with_sacrebleu(smoke_results):
-    from benchmarks.tensorbleu import make_batch
+    from rxt_hf.benchmarks.tensorbleu import make_batch
 
     _, payloads = smoke_results
     payload = payloads["tensorbleu"]
@@ -405,8 +405,8 @@ def test_quality_vs_stateless_smoke(tmp_path):
 
 
 def test_quality_vs_stateless_llama_matches_the_rxt_parameter_count():
-    from benchmarks.quality_vs_stateless import count_llama_parameters, matched_llama_config
-    from modeling_rxt import RxTForCausalLM
+    from rxt_hf.benchmarks.quality_vs_stateless import count_llama_parameters, matched_llama_config
+    from rxt_hf.modeling_rxt import RxTForCausalLM
 
     config = RxTConfig.from_preset(
         "rxt-alpha-micro", vocab_size=2000, num_hidden_layers=4, num_attention_heads=4, num_query_heads=4,
@@ -421,8 +421,8 @@ def test_quality_vs_stateless_llama_matches_the_rxt_parameter_count():
 
 
 def test_quality_vs_stateless_conversation_encoding(tiny_tokenizer):
-    from benchmarks.quality_vs_stateless import encode_conversation
-    from trainers.data import tokenize_interaction
+    from rxt_hf.benchmarks.quality_vs_stateless import encode_conversation
+    from rxt_hf.trainers.data import tokenize_interaction
 
     row = {"query": "Ann has a red cat.", "answer": "Nice.", "interactions": [
         {"query": "Bob lives in Oslo.", "answer": "Noted."},
@@ -442,7 +442,7 @@ def test_quality_vs_stateless_conversation_encoding(tiny_tokenizer):
 
 
 def test_quality_vs_stateless_reads_a_trained_folder(tmp_path):
-    from benchmarks.quality_vs_stateless import trained_rxt_facts
+    from rxt_hf.benchmarks.quality_vs_stateless import trained_rxt_facts
 
     folder = tmp_path / "final"
     folder.mkdir()
@@ -458,7 +458,7 @@ def test_quality_vs_stateless_reads_a_trained_folder(tmp_path):
 
 
 def test_bench_option_parsing():
-    from benchmarks.cli import parse_options
+    from rxt_hf.benchmarks.cli import parse_options
 
     assert parse_options(["rxt_model=outputs/default/final", "minutes=2.5", "model_overrides={\"stm_size\": 8}"]) == {
         "rxt_model": "outputs/default/final", "minutes": 2.5, "model_overrides": {"stm_size": 8}}

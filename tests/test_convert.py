@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import remote_env, remote_python
-from modeling_rxt import RxTForCausalLM
-from recipes.cli import main as cli_main
-from recipes.convert import ATTRIBUTION_NOTICE, ReferenceConversionError, convert_reference_checkpoint
+from rxt_hf.modeling_rxt import RxTForCausalLM
+from rxt_hf.recipes.cli import main as cli_main
+from rxt_hf.recipes.convert import ATTRIBUTION_NOTICE, ReferenceConversionError, convert_reference_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())

@@ -7,14 +7,14 @@ from collections import Counter
 import pytest
 import torch
 
-from trainers.data import (
+from rxt_hf.trainers.data import (
     ConversationCollator,
     InteractionCollator,
     TextCollator,
     load_rxt_dataset,
     tokenize_interaction,
 )
-from trainers.synthetic_data import (
+from rxt_hf.trainers.synthetic_data import (
     SyntheticWorld,
     build_synthetic_dataset,
     generate_conversations,

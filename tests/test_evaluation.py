@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.tokenization_rxt import encode_interaction, special_token_ids
-from trainers.evaluation import evaluate_memory, format_evaluation_table, keywords_match
-from trainers.synthetic_data import build_synthetic_dataset
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.modeling_rxt.tokenization_rxt import encode_interaction, special_token_ids
+from rxt_hf.trainers.evaluation import evaluate_memory, format_evaluation_table, keywords_match
+from rxt_hf.trainers.synthetic_data import build_synthetic_dataset
 
 NEW_TOKENS = 6
 

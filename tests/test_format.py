@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.format_rxt import (
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.modeling_rxt.format_rxt import (
     IGNORE_INDEX,
     IncrementalDetokenizer,
     encode_interaction,

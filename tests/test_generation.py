@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
-from modeling_rxt import RxTChat, RxTConfig, RxTForCausalLM
-from modeling_rxt.format_rxt import pad_rows
+from rxt_hf.modeling_rxt import RxTChat, RxTConfig, RxTForCausalLM
+from rxt_hf.modeling_rxt.format_rxt import pad_rows
 from transformers import (
     AutoTokenizer,
     LogitsProcessor,

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.tokenization_rxt import special_token_ids
-from trainers.data import InteractionCollator
-from trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
-from trainers.mlm_head import RxTMLMHead, mask_tokens
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.modeling_rxt.tokenization_rxt import special_token_ids
+from rxt_hf.trainers.data import InteractionCollator
+from rxt_hf.trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
+from rxt_hf.trainers.mlm_head import RxTMLMHead, mask_tokens
 
 
 @pytest.fixture(autouse=True)

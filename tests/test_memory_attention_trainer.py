@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from trainers.data import ConversationCollator
-from trainers.memory_attention_trainer import (
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.trainers.data import ConversationCollator
+from rxt_hf.trainers.memory_attention_trainer import (
     MemoryAttentionConfig,
     MemoryAttentionTrainer,
     memory_attention_labels,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import remote_env, remote_python
-from modeling_rxt import CACHE_FIELD, RxTConfig, RxTForCausalLM, RxTModel, output_cache
+from rxt_hf.modeling_rxt import CACHE_FIELD, RxTConfig, RxTForCausalLM, RxTModel, output_cache
 from transformers import AutoModelForCausalLM
 
 

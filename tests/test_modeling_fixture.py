@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from modeling_rxt import RxTForCausalLM
+from rxt_hf.modeling_rxt import RxTForCausalLM
 
 FIXTURE = Path(__file__).parent / "fixtures" / "modeling"
 ATOL = 1e-6

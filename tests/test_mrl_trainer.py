@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.tokenization_rxt import build_tokenizer
-from trainers.mrl_trainer import (
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
+from rxt_hf.trainers.mrl_trainer import (
     MRLConfig,
     MRLCurriculum,
     MRLTrainer,
@@ -19,9 +19,9 @@ from trainers.mrl_trainer import (
     impo_loss,
     rewarded_turns,
 )
-from modeling_rxt.format_rxt import encode_texts, frame_interaction, special_token_ids
-from trainers.mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
-from trainers.synthetic_data import build_synthetic_dataset
+from rxt_hf.modeling_rxt.format_rxt import encode_texts, frame_interaction, special_token_ids
+from rxt_hf.trainers.mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
+from rxt_hf.trainers.synthetic_data import build_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -422,7 +422,7 @@ def test_shared_memory_update_matches_per_row_updates(tmp_path, mrl_data, mrl_to
 
 
 def test_lora_run_trains_only_adapters(tmp_path, mrl_data, mrl_tokenizer):
-    from trainers.rxrlhf_trainer import decoder_lora_config
+    from rxt_hf.trainers.rxrlhf_trainer import decoder_lora_config
 
     model = _model(mrl_tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from recipes.plots import plot_recall, plot_training_curves, read_log
+from rxt_hf.recipes.plots import plot_recall, plot_training_curves, read_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

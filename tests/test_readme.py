@@ -21,7 +21,7 @@ def test_readme_results_table_is_the_one_the_default_run_wrote(name):
     `rxt train` / `rxt eval` rendered them."""
     import json
 
-    from trainers.evaluation import format_evaluation_table
+    from rxt_hf.trainers.evaluation import format_evaluation_table
 
     result_file = README.parent / "benchmarks" / "results" / name
     if not result_file.exists():

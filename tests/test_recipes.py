@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from conftest import remote_env, remote_python
-from recipes.cli import main
-from recipes.recipe import load_recipe, parse_recipe
+from rxt_hf.recipes.cli import main
+from rxt_hf.recipes.recipe import load_recipe, parse_recipe
 
 TINY_RECIPE = {
     "name": "tiny",
@@ -177,7 +177,7 @@ def test_parse_recipe_reports_stage_lookup_errors():
 
 
 def test_overrides_change_recipe_values_before_validation(tmp_path):
-    from recipes.recipe import apply_overrides
+    from rxt_hf.recipes.recipe import apply_overrides
 
     path = write_recipe(tmp_path, TINY_RECIPE)
     recipe = load_recipe(path, [

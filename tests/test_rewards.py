@@ -10,7 +10,7 @@ import sacrebleu
 import torch
 from torch import nn
 
-from trainers.rewards import (
+from rxt_hf.trainers.rewards import (
     CombinedReward,
     embedding_similarity_reward,
     keyword_recall_reward,

@@ -11,15 +11,15 @@ import torch
 import yaml
 from datasets import Dataset
 
-from modeling_rxt import RxTConfig, RxTForCausalLM, special_token_ids
-from modeling_rxt.tokenization_rxt import build_tokenizer
-from trainers.preference_data import (
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM, special_token_ids
+from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
+from rxt_hf.trainers.preference_data import (
     build_preference_dataset,
     load_preference_dataset,
     preference_to_multi_turn,
     validate_preference_rows,
 )
-from trainers.rxrlhf_trainer import (
+from rxt_hf.trainers.rxrlhf_trainer import (
     PreferenceCollator,
     RxRLHFConfig,
     RxRLHFTrainer,
@@ -425,7 +425,7 @@ def test_bad_config_values_fail(tmp_path, bad):
 def test_online_variant_with_a_reward_model(tmp_path, tokenizer, pref_data):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from trainers.rxrlhf_online import RewardModelReward, RxRLHFOnlineConfig, RxRLHFOnlineTrainer
+    from rxt_hf.trainers.rxrlhf_online import RewardModelReward, RxRLHFOnlineConfig, RxRLHFOnlineTrainer
 
     seen = []
     judge = RewardModelReward(lambda texts: seen.extend(texts) or [1.0] * len(texts), name="judge")
@@ -456,14 +456,14 @@ def test_online_variant_with_a_reward_model(tmp_path, tokenizer, pref_data):
 
 
 def test_shipped_recipe_is_valid():
-    from recipes.recipe import load_recipe
+    from rxt_hf.recipes.recipe import load_recipe
 
     recipe = load_recipe("recipes/rxrlhf.yaml")
     assert [s.trainer for s in recipe.stages] == ["rxrlhf"] and recipe.stages[0].data_kind == "preference"
 
 
 def test_recipe_runs_the_rxrlhf_stage_from_a_saved_model(tmp_path, tokenizer):
-    from recipes.cli import main
+    from rxt_hf.recipes.cli import main
 
     source = tmp_path / "smat"
     model = _model(tokenizer)

@@ -72,8 +72,8 @@ def chat(url: str, messages: list[str]) -> dict:
 
 
 def test_chat_page_streams_both_answers_and_shows_memory_updates(tiny_tokenizer, monkeypatch):
-    from modeling_rxt import RxTConfig, RxTForCausalLM
-    from serving.server import BackgroundServer, ServeConfig, create_app
+    from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+    from rxt_hf.serving.server import BackgroundServer, ServeConfig, create_app
 
     torch.manual_seed(0)
     model = RxTForCausalLM(RxTConfig.from_preset("rxt-tiny", vocab_size=len(tiny_tokenizer))).eval()
@@ -103,7 +103,7 @@ def test_chat_page_streams_both_answers_and_shows_memory_updates(tiny_tokenizer,
 
 def two_turn_conversations():
     """The embedded plant-then-ask conversations the small model trains on (train) and is checked on (test)."""
-    from trainers.synthetic_data import build_synthetic_dataset
+    from rxt_hf.trainers.synthetic_data import build_synthetic_dataset
 
     return build_synthetic_dataset("multi-turn", num_conversations=2000, num_turns=2, max_recall_distance=1, seed=0)
 
@@ -111,9 +111,9 @@ def two_turn_conversations():
 def train_remembering_model(folder: Path) -> None:
     """A small RxT (410k parameters) trained for about a CPU minute on 2-turn embedded conversations (stage 4
     only) into `folder`. Measured: 92% recall one turn back on held-out conversations, 0% with a fresh memory."""
-    from modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
-    from trainers.data import ConversationCollator
-    from trainers.smat_trainer import SMATConfig, SMATTrainer
+    from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM, build_tokenizer, special_token_ids
+    from rxt_hf.trainers.data import ConversationCollator
+    from rxt_hf.trainers.smat_trainer import SMATConfig, SMATTrainer
 
     torch.manual_seed(0)
     data = two_turn_conversations()
@@ -148,7 +148,7 @@ def remembering_model(tmp_path_factory) -> str:
 def recalled_fact(model, tokenizer, max_new_tokens: int) -> tuple[list[str], list[str], list[str]]:
     """A held-out (fact, question) pair that the model answers right with memory and wrong with a fresh one:
     the messages, the in-process answers and the answer's key words."""
-    from trainers.evaluation import keywords_match
+    from rxt_hf.trainers.evaluation import keywords_match
 
     for row in two_turn_conversations()["test"]:
         messages = [row["query"], row["interactions"][0]["query"]]
@@ -166,8 +166,8 @@ def recalled_fact(model, tokenizer, max_new_tokens: int) -> tuple[list[str], lis
 
 
 def test_chat_page_second_answer_uses_the_first_fact(remembering_model, monkeypatch):
-    from serving.server import BackgroundServer, ServeConfig, create_app, load_model
-    from trainers.evaluation import keywords_match
+    from rxt_hf.serving.server import BackgroundServer, ServeConfig, create_app, load_model
+    from rxt_hf.trainers.evaluation import keywords_match
 
     model, tokenizer = load_model(remembering_model)
     messages, expected, keywords = recalled_fact(model, tokenizer, max_new_tokens=24)

@@ -25,11 +25,11 @@ import httpx
 import pytest
 import torch
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from serving.engine import BatchingEngine, BatchStreamer, BlockingEvents, EngineConfig, Turn
-from serving.security import hash_api_key, read_api_keys
-from serving.server import BackgroundServer, ServeConfig, aiter_sse, create_app, parse_config
-from serving.store import model_fingerprint, open_store
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.serving.engine import BatchingEngine, BatchStreamer, BlockingEvents, EngineConfig, Turn
+from rxt_hf.serving.security import hash_api_key, read_api_keys
+from rxt_hf.serving.server import BackgroundServer, ServeConfig, aiter_sse, create_app, parse_config
+from rxt_hf.serving.store import model_fingerprint, open_store
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 8
@@ -333,8 +333,8 @@ def test_isolation_under_load_equals_sequential_replay(backend, model, tiny_toke
 # `rxt serve` (its real command line) with memory updates that sleep first, so SIGKILL lands while they run.
 SLOW_SERVER = """
 import sys, time
-from modeling_rxt import RxTForCausalLM
-from serving.server import main
+from rxt_hf.modeling_rxt import RxTForCausalLM
+from rxt_hf.serving.server import main
 
 delay = float(sys.argv.pop(1))
 update_memory = RxTForCausalLM.update_memory
@@ -374,7 +374,7 @@ def stored_memory(url: str, conversation_id: str) -> tuple[dict, torch.Tensor]:
 
 
 def test_sigkill_during_memory_updates_keeps_the_last_committed_state(model_dir, replay, tmp_path):
-    from serving.server import load_model
+    from rxt_hf.serving.server import load_model
 
     conversations, committed_turns = 6, 3
     store = f"sqlite:///{tmp_path / 'crash.db'}"
@@ -621,7 +621,7 @@ def test_idle_conversations_expire_with_ttl_seconds(model, tiny_tokenizer, tmp_p
 
 
 def test_serve_command_line_and_config_errors(tmp_path, capsys):
-    from recipes.cli import main as rxt
+    from rxt_hf.recipes.cli import main as rxt
 
     with pytest.raises(SystemExit) as exit_info:
         rxt(["serve", "--help"])
@@ -650,8 +650,8 @@ def test_serve_command_line_and_config_errors(tmp_path, capsys):
 
 
 def test_bench_serve_smoke(tmp_path):
-    import benchmarks.cli  # noqa: F401  (registers `serve`)
-    from benchmarks import BENCHMARKS, run_benchmark
+    import rxt_hf.benchmarks.cli  # noqa: F401  (registers `serve`)
+    from rxt_hf.benchmarks import BENCHMARKS, run_benchmark
 
     assert "serve" in BENCHMARKS
     payload = run_benchmark("serve", smoke=True, output_dir=tmp_path, threads=1, plot=False)

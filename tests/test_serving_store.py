@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_rxt.format_rxt import STM_FORMAT, stm_from_bytes
-from serving.store import (
+from rxt_hf.modeling_rxt.format_rxt import STM_FORMAT, stm_from_bytes
+from rxt_hf.serving.store import (
     ConversationExists,
     ConversationNotFound,
     IncompatibleMemory,
@@ -563,7 +563,7 @@ _CRASH_WRITER = textwrap.dedent(
     """
     import sys
     import torch
-    from serving.store import SQLiteSTMStore
+    from rxt_hf.serving.store import SQLiteSTMStore
 
     shape = (1, 6, 256, 128)  # an rxt-alpha-micro sized STM: 768 KiB per write
     store = SQLiteSTMStore(sys.argv[1], "crash-test", shape, torch.float32)
@@ -667,14 +667,14 @@ def test_redis_namespaces_are_separate(redis_url):
 
 
 def _tiny_model(seed: int = 0):
-    from modeling_rxt import RxTConfig, RxTForCausalLM
+    from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
 
     torch.manual_seed(seed)
     return RxTForCausalLM(RxTConfig.from_preset("rxt-tiny")).eval()
 
 
 def test_model_fingerprint_tracks_config_and_weights(tmp_path):
-    from modeling_rxt import RxTConfig, RxTForCausalLM
+    from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
 
     model = _tiny_model(seed=0)
     fingerprint = model_fingerprint(model)
@@ -701,7 +701,7 @@ def test_model_fingerprint_tracks_config_and_weights(tmp_path):
 
 
 def test_model_fingerprint_is_fast_for_a_12m_parameter_model():
-    from modeling_rxt import RxTConfig, RxTForCausalLM
+    from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
 
     model = RxTForCausalLM(RxTConfig.from_preset("rxt-alpha-micro")).eval()
     started = time.perf_counter()
@@ -713,7 +713,7 @@ _FINGERPRINT_OF_A_SMALL_MODULE = textwrap.dedent(
     """
     import json
     import torch
-    from serving.store import model_fingerprint
+    from rxt_hf.serving.store import model_fingerprint
 
     class Config:
         def to_json_string(self, use_diff=True):

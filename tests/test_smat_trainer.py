@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from trainers.data import ConversationCollator
-from trainers.smat_trainer import SMATConfig, SMATTrainer, TurnCurriculum, resolve_schedule_step
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.trainers.data import ConversationCollator
+from rxt_hf.trainers.smat_trainer import SMATConfig, SMATTrainer, TurnCurriculum, resolve_schedule_step
 
 
 @pytest.fixture(autouse=True, scope="module")

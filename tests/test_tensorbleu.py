@@ -9,9 +9,9 @@ import sacrebleu
 import torch
 from sacrebleu.metrics import BLEU
 
-import trainers.tensorbleu as tensorbleu
-from modeling_rxt.format_rxt import pad_rows
-from trainers.tensorbleu import (
+import rxt_hf.trainers.tensorbleu as tensorbleu
+from rxt_hf.modeling_rxt.format_rxt import pad_rows
+from rxt_hf.trainers.tensorbleu import (
     SMOOTHING_METHODS,
     TensorBLEU,
     bleu_statistics,

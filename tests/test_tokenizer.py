@@ -5,7 +5,7 @@ import os
 import pytest
 from transformers import AutoTokenizer
 
-from modeling_rxt.tokenization_rxt import (
+from rxt_hf.modeling_rxt.tokenization_rxt import (
     RXT_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     build_tokenizer,

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.tokenization_rxt import special_token_ids
-from trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
-from trainers.model_card import render_model_card
+from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.modeling_rxt.tokenization_rxt import special_token_ids
+from rxt_hf.trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
+from rxt_hf.trainers.model_card import render_model_card
 from transformers import get_scheduler
 from transformers.trainer_utils import get_last_checkpoint
-from trainers.trainer_base import RxTTrainingArguments
+from rxt_hf.trainers.trainer_base import RxTTrainingArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,9 +190,9 @@ def test_two_process_launch(tmp_path):
         import torch
         torch.set_num_threads(1)
         from conftest import tiny_corpus
-        from modeling_rxt import RxTConfig, RxTForCausalLM
-        from modeling_rxt.tokenization_rxt import build_tokenizer, special_token_ids
-        from trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
+        from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+        from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer, special_token_ids
+        from rxt_hf.trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
 
         tok = build_tokenizer(tiny_corpus(), vocab_size=400, min_frequency=2, model_max_length=128)
         torch.manual_seed(0)

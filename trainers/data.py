@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import torch
 
-from modeling_rxt.format_rxt import (
+from rxt_hf.modeling_rxt.format_rxt import (
     IGNORE_INDEX,
     encode_texts,
     frame_interaction,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modeling_rxt.format_rxt import IGNORE_INDEX, encode_interaction, pad_rows, special_token_ids
+from rxt_hf.modeling_rxt.format_rxt import IGNORE_INDEX, encode_interaction, pad_rows, special_token_ids
 
 __all__ = ["evaluate_memory", "format_evaluation_table", "keywords_match"]
 

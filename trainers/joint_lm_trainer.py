@@ -174,10 +174,10 @@ class JointLMTrainer(RxTStageTrainer):
     Example:
 
     ```python
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
-    >>> from modeling_rxt.tokenization_rxt import build_tokenizer, special_token_ids
-    >>> from trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
-    >>> from trainers.synthetic_data import build_synthetic_dataset
+    >>> from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer, special_token_ids
+    >>> from rxt_hf.trainers.joint_lm_trainer import JointLMConfig, JointLMTrainer
+    >>> from rxt_hf.trainers.synthetic_data import build_synthetic_dataset
     >>> data = build_synthetic_dataset("interaction-sft", num_conversations=50)
     >>> tokenizer = build_tokenizer([r["query"] + " " + r["answer"] for r in data["train"]], vocab_size=512)
     >>> config = RxTConfig.from_preset("rxt-tiny", vocab_size=len(tokenizer), **special_token_ids(tokenizer))

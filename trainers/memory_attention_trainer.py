@@ -331,11 +331,11 @@ class MemoryAttentionTrainer(RxTStageTrainer):
 
     ```python
     >>> import tempfile
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
-    >>> from modeling_rxt.tokenization_rxt import build_tokenizer
-    >>> from trainers.data import ConversationCollator
-    >>> from trainers.synthetic_data import build_synthetic_dataset
-    >>> from trainers.memory_attention_trainer import MemoryAttentionConfig, MemoryAttentionTrainer
+    >>> from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
+    >>> from rxt_hf.trainers.data import ConversationCollator
+    >>> from rxt_hf.trainers.synthetic_data import build_synthetic_dataset
+    >>> from rxt_hf.trainers.memory_attention_trainer import MemoryAttentionConfig, MemoryAttentionTrainer
     >>> data = build_synthetic_dataset("multi-turn", num_conversations=20, num_turns=3, seed=0)
     >>> texts = [r["query"] + " " + r["answer"] for r in data["train"]]
     >>> tokenizer = build_tokenizer(texts, vocab_size=300, min_frequency=1, model_max_length=64)

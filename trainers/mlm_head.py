@@ -26,7 +26,7 @@ class RxTMLMHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        from modeling_rxt.modeling_rxt import RxTRMSNorm
+        from rxt_hf.modeling_rxt.modeling_rxt import RxTRMSNorm
 
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         act = getattr(config, "hidden_act", "silu")

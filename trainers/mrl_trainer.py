@@ -94,7 +94,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from modeling_rxt.format_rxt import (
+from rxt_hf.modeling_rxt.format_rxt import (
     IGNORE_INDEX,
     Interaction,
     encode_texts,
@@ -509,10 +509,10 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
 
     ```python
     >>> import tempfile, torch
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
-    >>> from modeling_rxt.tokenization_rxt import build_tokenizer
-    >>> from trainers.synthetic_data import build_synthetic_dataset
-    >>> from trainers.mrl_trainer import MRLConfig, MRLTrainer
+    >>> from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
+    >>> from rxt_hf.trainers.synthetic_data import build_synthetic_dataset
+    >>> from rxt_hf.trainers.mrl_trainer import MRLConfig, MRLTrainer
     >>> data = build_synthetic_dataset("multi-turn", num_conversations=16, num_turns=4, max_recall_distance=2,
     ...                                seed=0)["train"]
     >>> tokenizer = build_tokenizer([r["query"] + " " + r["answer"] for r in data], vocab_size=300,

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .evaluation import keywords_match
-from modeling_rxt.format_rxt import pad_rows
+from rxt_hf.modeling_rxt.format_rxt import pad_rows
 
 from .tensorbleu import SMOOTHING_METHODS, tensor_sentence_bleu
 

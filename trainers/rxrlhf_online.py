@@ -169,10 +169,10 @@ class RxRLHFOnlineTrainer(MRLTrainer):
 
     ```python
     >>> import tempfile, torch, contextlib, io
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
-    >>> from modeling_rxt.tokenization_rxt import build_tokenizer
-    >>> from trainers.preference_data import build_preference_dataset
-    >>> from trainers.rxrlhf_online import RxRLHFOnlineConfig, RxRLHFOnlineTrainer
+    >>> from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
+    >>> from rxt_hf.trainers.preference_data import build_preference_dataset
+    >>> from rxt_hf.trainers.rxrlhf_online import RxRLHFOnlineConfig, RxRLHFOnlineTrainer
     >>> data = build_preference_dataset(num_conversations=16, num_turns=3, max_recall_distance=2)["train"]
     >>> texts = [t[k] for r in data for t in r["interactions"] for k in ("query", "chosen", "rejected")]
     >>> tokenizer = build_tokenizer(texts, vocab_size=300, min_frequency=1, model_max_length=64)

@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 
-from modeling_rxt.format_rxt import IGNORE_INDEX, encode_texts, frame_interaction, pad_grid, special_token_ids
+from rxt_hf.modeling_rxt.format_rxt import IGNORE_INDEX, encode_texts, frame_interaction, pad_grid, special_token_ids
 
 from .preference_data import check_preference_row
 from .smat_trainer import SMAT_COMPONENTS, component_parameters
@@ -558,10 +558,10 @@ class RxRLHFTrainer(RxTStageMixin, DPOTrainer):
 
     ```python
     >>> import tempfile, torch
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
-    >>> from modeling_rxt.tokenization_rxt import build_tokenizer
-    >>> from trainers.preference_data import build_preference_dataset
-    >>> from trainers.rxrlhf_trainer import RxRLHFConfig, RxRLHFTrainer
+    >>> from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
+    >>> from rxt_hf.trainers.preference_data import build_preference_dataset
+    >>> from rxt_hf.trainers.rxrlhf_trainer import RxRLHFConfig, RxRLHFTrainer
     >>> data = build_preference_dataset(num_conversations=20, num_turns=3, max_recall_distance=2, seed=0)
     >>> texts = [t[k] for r in data["train"] for t in r["interactions"] for k in ("query", "chosen", "rejected")]
     >>> tokenizer = build_tokenizer(texts, vocab_size=300, min_frequency=1, model_max_length=64)

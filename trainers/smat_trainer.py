@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from modeling_rxt.format_rxt import IGNORE_INDEX
+from rxt_hf.modeling_rxt.format_rxt import IGNORE_INDEX
 
 from .trainer_base import RxTStageModule, RxTStageTrainer, RxTTrainingArguments, StageOutput
 
@@ -475,11 +475,11 @@ class SMATTrainer(RxTStageTrainer):
 
     ```python
     >>> import tempfile
-    >>> from modeling_rxt import RxTConfig, RxTForCausalLM
-    >>> from modeling_rxt.tokenization_rxt import build_tokenizer
-    >>> from trainers.data import ConversationCollator
-    >>> from trainers.synthetic_data import build_synthetic_dataset
-    >>> from trainers.smat_trainer import SMATConfig, SMATTrainer
+    >>> from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+    >>> from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
+    >>> from rxt_hf.trainers.data import ConversationCollator
+    >>> from rxt_hf.trainers.synthetic_data import build_synthetic_dataset
+    >>> from rxt_hf.trainers.smat_trainer import SMATConfig, SMATTrainer
     >>> sets = {n: build_synthetic_dataset("multi-turn", num_conversations=20, num_turns=n, max_recall_distance=n - 1,
     ...                                    seed=n)["train"] for n in (2, 3)}
     >>> texts = [r["query"] + " " + r["answer"] for r in sets[3]]

@@ -60,7 +60,7 @@ from typing import NamedTuple, Union
 
 import torch
 
-from modeling_rxt.format_rxt import pad_rows
+from rxt_hf.modeling_rxt.format_rxt import pad_rows
 
 __all__ = [
     "SMOOTHING_METHODS",
