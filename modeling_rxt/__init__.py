@@ -8,6 +8,7 @@ without remote code. A saved checkpoint also loads without this package via `tru
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_rxt import PRESETS, RxTConfig
+from .conversation_rxt import ConversationBatch, ConversationTurn, DecoderPass, play_conversations
 from .interaction_rxt import InteractionEvent, RxTChat, load_memory, save_memory
 from .tokenization_rxt import build_tokenizer, decode_interaction, encode_interaction, special_token_ids
 from .modeling_rxt import (
@@ -31,6 +32,10 @@ RxTModel.register_for_auto_class("AutoModel")
 RxTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "ConversationBatch",
+    "ConversationTurn",
+    "DecoderPass",
+    "play_conversations",
     "InteractionEvent",
     "RxTChat",
     "build_tokenizer",
