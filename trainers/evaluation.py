@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from rxt_hf.modeling_rxt.format_rxt import IGNORE_INDEX, encode_interaction, pad_rows, special_token_ids
+from rxt_hf.modeling_rxt.conversation_rxt import ConversationBatch
+from rxt_hf.modeling_rxt.format_rxt import encode_interaction, special_token_ids
 
 __all__ = ["evaluate_memory", "format_evaluation_table", "keywords_match"]
 
@@ -147,35 +147,14 @@ def _default_generate(model, input_ids, attention_mask, stm_state, max_new_token
     )
 
 
-def _answer_ids(new_tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
-    """Generated ids up to (not including) the first [EOS]; trailing padding dropped."""
-    out = []
-    for t in new_tokens:
-        if t == eos_id:
-            break
-        out.append(t)
-    while out and out[-1] == pad_id:
-        out.pop()
-    return out
-
-
-def _answer_losses(model, sequences: list[list[int]], prompt_lengths: list[int], stm, pad_id: int):
-    """Per-row (sum of CE over answer tokens incl. [EOS], number of those tokens), one forward pass."""
-    ids, mask = pad_rows(sequences, pad_id, device=stm.device)
-    logits = model(input_ids=ids, attention_mask=mask, stm_state=stm, use_cache=False).logits
-    labels, _ = pad_rows(  # answer-only labels
-        [[IGNORE_INDEX] * p + seq[p:] for seq, p in zip(sequences, prompt_lengths)], IGNORE_INDEX, device=stm.device
-    )
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    ce = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    valid = shift_labels != IGNORE_INDEX
-    return (ce * valid).sum(dim=1).tolist(), valid.sum(dim=1).tolist()
+def _answer_losses(turn, prompt_lengths: list[int]) -> tuple[list[float], list[int]]:
+    """Per scored row of a turn: (sum of the cross-entropies of the reference answer tokens incl. [EOS], their
+    number), from the turn's per-token log-probabilities (position ``j`` scores token ``j + 1``)."""
+    logps = turn.token_logps  # [n, T-1]
+    positions = torch.arange(1, logps.shape[1] + 1, device=logps.device)  # the scored token of each position
+    prompt = torch.tensor(prompt_lengths, device=logps.device)[:, None]
+    valid = (positions[None] >= prompt) & turn.attention_mask[:, 1:].bool()  # answer tokens of the reference
+    return torch.where(valid, -logps, torch.zeros_like(logps)).sum(dim=1).tolist(), valid.sum(dim=1).tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +251,6 @@ def evaluate_memory(
             longest_prompt = max(longest_prompt, len(turn["prompt"]))
     new_tokens = min(max_new_tokens, limit - longest_prompt - 1)
 
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
 
@@ -292,48 +270,43 @@ def evaluate_memory(
 
     records: dict[tuple[int, int], dict] = {}
     sums = {"memory": [0.0, 0], "control": [0.0, 0]}
+
+    def generate(model, input_ids, attention_mask, stm_state, **_):
+        return generate_fn(model, input_ids, attention_mask, stm_state, new_tokens, eos_id, pad_id)
+
     try:
         with torch.no_grad():
             for group in groups:
-                stm = _fresh_memory(model, len(group))
-                for k in range(len(conversations[group[0]]["turns"])):
-                    active = [j for j, c in enumerate(group) if len(conversations[c]["turns"]) > k]
-                    turns = [conversations[group[j]]["turns"][k] for j in active]
-                    n = len(active)
-                    index = torch.tensor(active, device=stm.device)
-                    # Rows 0..n-1 read the conversation's memory, rows n..2n-1 a fresh one (the control).
-                    both = torch.cat([stm.index_select(0, index), _fresh_memory(model, n)], dim=0)
-                    prompts = [t["prompt"] for t in turns] * 2
-
-                    input_ids, attention_mask = pad_rows(prompts, pad_id, side="left", device=device)
-                    sequences = generate_fn(model, input_ids, attention_mask, both, new_tokens, eos_id, pad_id)
-                    generated = [
-                        _answer_ids(row, eos_id, pad_id) for row in sequences[:, input_ids.shape[1] :].tolist()
-                    ]
-
-                    references = [t["reference_ids"] for t in turns] * 2
-                    loss_sums, counts = _answer_losses(
-                        model, references, [len(t["prompt"]) for t in turns] * 2, both, pad_id
-                    )
+                size = len(group)
+                turns_of = [conversations[c]["turns"] for c in group] * 2  # memory rows, then the control's
+                # Rows 0..size-1 read their conversation's memory, rows size..2*size-1 a fresh one at every turn.
+                playing = ConversationBatch(model, _fresh_memory(model, 2 * size), stateless=[False] * size + [True] * size)
+                played = playing.play(
+                    [[t["reference_ids"] for t in turns] for turns in turns_of],
+                    queries=[[t["prompt"] for t in turns] for turns in turns_of],
+                    memory_from="generated" if memory_from == "generated" else "input",
+                    write_last_turn=True,  # every turn is written, as a chat would
+                    return_logps=True,
+                    return_stm=False,
+                    generate_fn=generate,
+                )
+                for played_turn in played:
+                    k, rows = played_turn.turn, played_turn.rows.tolist()
+                    n = len(rows) // 2  # the scored rows: n conversations, then their n control rows
+                    turns = [turns_of[r][k] for r in rows[:n]]
+                    loss_sums, counts = _answer_losses(played_turn, [len(t["prompt"]) for t in turns] * 2)
                     sums["memory"][0] += sum(loss_sums[:n])
                     sums["memory"][1] += sum(counts[:n])
                     sums["control"][0] += sum(loss_sums[n:])
                     sums["control"][1] += sum(counts[n:])
-
-                    if memory_from == "generated":
-                        interactions = [t["prompt"] + g + [eos_id] for t, g in zip(turns, generated[:n])]
-                    else:
-                        interactions = [t["reference_ids"] for t in turns]
-                    ids_t, mask_t = pad_rows(interactions, pad_id, device=device)
-                    updated = model.update_memory(stm.index_select(0, index), ids_t, mask_t)
-                    stm = stm.index_copy(0, index, updated.to(stm.dtype))
-
+                    answers = played_turn.answers
                     for j, turn in enumerate(turns):
-                        text = tokenizer.decode(generated[j], skip_special_tokens=True)
-                        text_control = tokenizer.decode(generated[n + j], skip_special_tokens=True)
+                        conversation = group[rows[j]]
+                        text = tokenizer.decode(answers[j], skip_special_tokens=True)
+                        text_control = tokenizer.decode(answers[n + j], skip_special_tokens=True)
                         recall = turn["distance"] > 0 and bool(turn["keywords"])
-                        records[(group[active[j]], k)] = {
-                            "conversation_id": conversations[group[active[j]]]["id"],
+                        records[(conversation, k)] = {
+                            "conversation_id": conversations[conversation]["id"],
                             "turn": k,
                             "recall_distance": turn["distance"],
                             "answer_keywords": turn["keywords"],

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from rxt_hf.modeling_rxt.conversation_rxt import ConversationBatch
 from rxt_hf.modeling_rxt.format_rxt import IGNORE_INDEX
 
 from .trainer_base import RxTStageModule, RxTStageTrainer, RxTTrainingArguments, StageOutput
@@ -391,46 +392,38 @@ class SMATObjective(RxTStageModule):
         config = unwrapped.config
         use_aux = getattr(config, "decoder_feed_forward", None) == "moe"
 
-        stm = unwrapped.init_memory(batch_size)  # [B, L, S, D]
+        conversations = ConversationBatch(unwrapped, batch_size=batch_size, backprop_turns=self.args.backprop_turns)
         turn_losses, aux_losses = [], []
         metrics: dict[str, float] = {}
         tokens = 0
         recall_hits = recall_total = 0
-        for k in range(num_turns):
-            rows = turn_mask[:, k]  # [B]
-            if not bool(rows.any()):
+        for turn in conversations.play(input_ids, attention_mask, turn_mask, return_logits=True, return_stm=False):
+            k, rows = turn.turn, turn.rows
+            if rows.numel() == 0:
                 continue
-            ids_k = input_ids[:, k]  # [B, T]
-            mask_k = attention_mask[:, k] * rows[:, None].to(attention_mask.dtype)  # rows without turn k: all padding
-            tokens += int(mask_k.sum())
-            out = unwrapped(input_ids=ids_k, attention_mask=mask_k, stm_state=stm, use_cache=False)
-            logits = out.logits[:, :-1].float()  # [B, T-1, V]
-            targets = labels[:, k, 1:]  # [B, T-1] next-token targets
-            valid = (targets != IGNORE_INDEX) & rows[:, None]  # [B, T-1]
+            pick = slice(None) if rows.numel() == batch_size else rows  # the rows the decoder read at turn k
+            tokens += int(turn.attention_mask.sum())
+            logits = turn.logits[:, :-1].float()  # [n, T-1, V]
+            targets = labels[pick, k, 1:]  # [n, T-1] next-token targets
+            valid = targets != IGNORE_INDEX  # [n, T-1]
             if bool(valid.any()):
                 ce = F.cross_entropy(
                     logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
-                )  # [B, T-1]
+                )  # [n, T-1]
                 weights = valid.to(ce.dtype)
                 if loss_weights is not None:
-                    weights = weights * loss_weights[:, k, 1:].to(ce.dtype)
+                    weights = weights * loss_weights[pick, k, 1:].to(ce.dtype)
                 turn_loss = torch.where(valid, ce * weights, torch.zeros_like(ce)).sum() / weights.sum().clamp(min=1e-8)
                 turn_losses.append(turn_loss)
                 metrics[f"loss_turn_{k}"] = float(turn_loss.detach())
                 if recall is not None:
-                    recall_rows = valid & (recall[:, k] > 0)[:, None]
+                    recall_rows = valid & (recall[pick, k] > 0)[:, None]
                     if bool(recall_rows.any()):
                         hits = (logits.detach().argmax(-1) == targets) & recall_rows
                         recall_hits += int(hits.sum())
                         recall_total += int(recall_rows.sum())
-            if use_aux and out.router_aux_loss is not None:
-                aux_losses.append(out.router_aux_loss)
-            if k + 1 < num_turns:  # the last turn's memory update is never read
-                window = self.args.backprop_turns
-                if window is not None and k % window == 0:
-                    stm = stm.detach()  # truncated back-propagation: at most `window` updates per gradient path
-                new_stm = unwrapped.update_memory(stm, ids_k, mask_k)  # [B, L, S, D]
-                stm = torch.where(rows[:, None, None, None], new_stm, stm)  # rows without turn k keep their memory
+            if use_aux and turn.aux_loss is not None:
+                aux_losses.append(turn.aux_loss)
 
         if not turn_losses:
             zero = sum(p.sum() * 0.0 for p in unwrapped.parameters() if p.requires_grad)
