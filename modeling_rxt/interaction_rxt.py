@@ -5,8 +5,12 @@ conversation's STM; then the encoder and memory attention write `query + answer`
 user has the answer before the second phase starts, so a chat session runs the memory update in the
 background and makes the next message of the same conversation wait for it.
 
-This file is part of the remote-code folder: it imports only torch, transformers, the standard library
-and its sibling `format_rxt.py` (the token, padding and STM-file formats), never the project itself.
+Both phases are `conversation_rxt.ConversationBatch`'s (`generate`, then `write`), the turn loop every trainer,
+the evaluation and the serving engine use too.
+
+This file is part of the remote-code folder: it imports only torch, transformers, the standard library and its
+siblings `format_rxt.py` (the token, padding and STM-file formats) and `conversation_rxt.py`, never the project
+itself.
 """
 
 import queue
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .conversation_rxt import ConversationBatch
 from .format_rxt import IncrementalDetokenizer, pad_rows, render_interaction, stm_from_bytes, stm_to_bytes
 
 
@@ -100,23 +105,6 @@ def render_queries(model, queries, tokenizer=None, attention_mask=None):
     return pad_rows(rows, config.pad_token_id, side="left", device=model.device)
 
 
-def split_answers(generated: torch.Tensor, eos_token_id: int) -> list[list[int]]:
-    """Answer ids per row (generated part only), cut after the first `[EOS]`, which is appended if missing."""
-    answers = []
-    for row in generated.tolist():
-        answer = row[: row.index(eos_token_id) + 1] if eos_token_id in row else row + [eos_token_id]
-        answers.append(answer)
-    return answers
-
-
-def interaction_rows(query_ids, query_mask, answers: list[list[int]], max_length: int) -> list[list[int]]:
-    """Full interactions `[BOS][Q] query [A] answer [EOS]` without padding, clipped to `max_length`."""
-    rows = []
-    for ids, mask, answer in zip(query_ids, query_mask, answers):
-        rows.append((ids[mask.bool()].tolist() + answer)[:max_length])
-    return rows
-
-
 # ------------------------------------------------------------------------------------------------------
 # one interaction
 
@@ -128,20 +116,17 @@ def stream_interaction(model, query, stm_state=None, tokenizer=None, attention_m
     stm_state = model.init_memory(batch) if stm_state is None else model.model.check_stm_state(stm_state, batch)
     config = model.config
     generate_kwargs.setdefault("max_new_tokens", config.max_position_embeddings - query_ids.shape[1])
-    generate_kwargs.setdefault("pad_token_id", config.pad_token_id)
-    generate_kwargs.setdefault("eos_token_id", config.eos_token_id)
     if generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1:
         raise ValueError("interact() streams one answer per query: use generate() for beams / num_return_sequences.")
 
+    conversation = ConversationBatch(model, stm_state)  # one turn: generate, then write
     streamer = _QueueStreamer()
     result: dict = {}
 
     def run_generation():
         try:
             with torch.no_grad():
-                result["sequences"] = model.generate(
-                    query_ids, attention_mask=query_mask, stm_state=stm_state, streamer=streamer, **generate_kwargs
-                )
+                result["answers"] = conversation.generate(query_ids, query_mask, streamer=streamer, **generate_kwargs)
         except BaseException as error:  # surfaced in the caller's thread
             result["error"] = error
             streamer.end()
@@ -159,15 +144,14 @@ def stream_interaction(model, query, stm_state=None, tokenizer=None, attention_m
     if "error" in result:
         raise result["error"]
 
-    answers = split_answers(result["sequences"][:, query_ids.shape[1] :], config.eos_token_id)
+    answers = result["answers"]
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers] if tokenizer is not None else None
     yield InteractionEvent("answer", answer_ids=answers, text=texts)
 
     yield InteractionEvent("memory_update_start")
-    rows = interaction_rows(query_ids, query_mask, answers, config.max_position_embeddings)
-    interaction_ids, interaction_mask = pad_rows(rows, config.pad_token_id, device=query_ids.device)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(query_ids, query_mask)]
     with torch.no_grad():
-        new_stm = model.update_memory(stm_state, interaction_ids, interaction_mask)
+        new_stm = conversation.write(conversation.interactions(prompts, answers))
     yield InteractionEvent("memory_update_end", stm_state=new_stm)
 
 

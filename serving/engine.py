@@ -15,6 +15,14 @@ engine runs both phases for many conversations at once, with the same rules as [
   have their next message queued, the generation thread waits for that update so they join the next batch
   (otherwise concurrent conversations split into groups taking turns with half-full batches).
 
+Both phases are those of `modeling_rxt.conversation_rxt.ConversationBatch`, the turn loop of chat, training and
+evaluation: a batch's STMs become one `ConversationBatch`, the generation thread calls its `generate` and the memory
+thread its `write`. The engine does not use `ConversationBatch.play` (whole conversations turn by turn) because its
+continuous batching regroups conversations at every turn: a batch is whichever conversations have a message ready
+(their next messages are not known yet, and arrive at different times), with per-row answer budgets and sampling
+settings, and its memory update runs on another thread while the next batch, of other conversations, generates.
+So the engine plays exactly one turn per batch, and the store, not a batch object, carries the STM between turns.
+
 Callers talk to the engine with [`Turn`]s: `engine.submit(turn)`, then read the turn's events
 (`start`, `token`, `answer`, `memory_update_started`, then `memory_updated` or `error`) from its sink.
 The engine knows nothing about HTTP; failures carry an HTTP-like `status` so a server can map them.
@@ -38,8 +46,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from rxt_hf.modeling_rxt.conversation_rxt import ConversationBatch, close_answer
 from rxt_hf.modeling_rxt.format_rxt import IncrementalDetokenizer, pad_rows, render_interaction
-from rxt_hf.modeling_rxt.interaction_rxt import interaction_rows, split_answers
 from rxt_hf.serving.store import ConversationNotFound, IncompatibleMemory, VersionConflict
 
 logger = logging.getLogger(__name__)
@@ -258,20 +266,16 @@ class RowBudget(StoppingCriteria):
         return (generated >= self.budgets).to(input_ids.device)
 
 
-def answer_ids(generated: list[int], budget: int, eos_token_id: int) -> list[int]:
-    """The answer of one row: at most `budget` generated tokens, cut after `[EOS]` (appended if missing) —
-    what `stream_interaction(max_new_tokens=budget)` gives for the same tokens."""
-    return split_answers(torch.tensor([generated[:budget]], dtype=torch.long), eos_token_id)[0]
-
-
 class BatchStreamer(BaseStreamer):
     """Fans the rows of a batched `generate()` out to their turns: `token` events, then `answer` as soon as
     a row is finished (its `[EOS]` or its budget), even while other rows still generate."""
 
-    def __init__(self, turns: list[Turn], budgets: list[int], tokenizer, eos_token_id: int):
+    def __init__(self, turns: list[Turn], budgets: list[int], tokenizer, eos_token_id: int,
+                 pad_token_id: int | None = None):
         self.turns = turns
         self.budgets = budgets
         self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
         self.texts = [IncrementalDetokenizer(tokenizer) for _ in turns]
         self.generated: list[list[int]] = [[] for _ in turns]
         self.done = [False] * len(turns)
@@ -293,7 +297,7 @@ class BatchStreamer(BaseStreamer):
 
     def finish(self, row: int) -> None:
         self.done[row] = True
-        ids = answer_ids(self.generated[row], self.budgets[row], self.eos_token_id)
+        ids = close_answer(self.generated[row][: self.budgets[row]], self.eos_token_id, self.pad_token_id)
         finished = self.eos_token_id in self.generated[row][: self.budgets[row]]
         self.turns[row].emit(
             "answer",
@@ -315,9 +319,7 @@ class _UpdateJob:
     turns: list[Turn]
     versions: list[int]
     metadata: list[dict[str, str]]
-    stm_state: torch.Tensor  # [B, L, S, D] as read
-    query_ids: torch.Tensor
-    query_mask: torch.Tensor
+    conversations: ConversationBatch  # the STMs [B, L, S, D] as read
     answers: list[list[int]]
 
 
@@ -595,23 +597,19 @@ class BatchingEngine:
             turn.emit("start", batch_size=len(turns))
         query_ids, query_mask = pad_rows([t.query_ids for t in turns], config.pad_token_id, side="left", device=device)
         stm_state = torch.cat([m.stm_state for m in stored]).to(device=device, dtype=self._dtype)
+        conversations = ConversationBatch(model, stm_state)  # this batch's turn: generate here, write on the memory thread
         budgets = [t.max_new_tokens for t in turns]
-        streamer = BatchStreamer(turns, budgets, self.tokenizer, config.eos_token_id)
+        streamer = BatchStreamer(turns, budgets, self.tokenizer, config.eos_token_id, config.pad_token_id)
         start = time.perf_counter()
         with torch.no_grad():
-            sequences = model.generate(
+            answers = conversations.generate(
                 query_ids,
-                attention_mask=query_mask,
-                stm_state=stm_state,
+                query_mask,
                 max_new_tokens=max(budgets),
                 stopping_criteria=StoppingCriteriaList([RowBudget(query_ids.shape[1], budgets)]),
                 streamer=streamer,
-                pad_token_id=config.pad_token_id,
-                eos_token_id=config.eos_token_id,
                 **turns[0].sampling.generate_kwargs(),
-            )
-        generated = sequences[:, query_ids.shape[1] :].tolist()
-        answers = [answer_ids(row, budget, config.eos_token_id) for row, budget in zip(generated, budgets)]
+            )  # a row past its budget is padded (RowBudget), so each answer stops at its own budget
         with self._cond:  # stats are written by both engine threads
             stats = self.stats
             stats.generate_seconds_total += time.perf_counter() - start
@@ -623,9 +621,7 @@ class BatchingEngine:
             turns=turns,
             versions=[m.version for m in stored],
             metadata=[dict(m.metadata or {}) for m in stored],
-            stm_state=stm_state,
-            query_ids=query_ids,
-            query_mask=query_mask,
+            conversations=conversations,
             answers=answers,
         )
 
@@ -650,10 +646,9 @@ class BatchingEngine:
         for turn in job.turns:
             turn.emit("memory_update_started")
         start = time.perf_counter()
-        rows = interaction_rows(job.query_ids, job.query_mask, job.answers, config.max_position_embeddings)
-        interaction_ids, interaction_mask = pad_rows(rows, config.pad_token_id, device=job.query_ids.device)
+        conversations = job.conversations
         with torch.no_grad():
-            new_stm = self.model.update_memory(job.stm_state, interaction_ids, interaction_mask)
+            new_stm = conversations.write(conversations.interactions([t.query_ids for t in job.turns], job.answers))
         new_stm = new_stm.detach().to("cpu")
         with self._cond:
             self.stats.memory_update_seconds_total += time.perf_counter() - start

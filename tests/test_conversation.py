@@ -212,3 +212,20 @@ def test_bad_arguments_are_named(model):
     with pytest.raises(ValueError, match="stateless"):
         ConversationBatch(model, batch_size=2, stateless=[True])
     assert ConversationBatch(model, batch_size=1).read(ids, mask).logits is None  # only what is asked for
+
+
+def test_chat_and_play_write_the_same_memory(model, tiny_tokenizer):
+    """`RxTChat` (one turn per message) and `play_conversations` with generated answers agree."""
+    from rxt_hf.modeling_rxt import RxTChat
+    from rxt_hf.modeling_rxt.format_rxt import render_interaction
+
+    chat_model = RxTForCausalLM(RxTConfig.from_preset("rxt-tiny", vocab_size=len(tiny_tokenizer))).eval()
+    messages = ["Ann has a red cat.", "What colour is the cat of Ann?"]
+    chat = RxTChat(chat_model, tiny_tokenizer, max_new_tokens=5)
+    answers = [chat.send(text) for text in messages]
+    queries = [[render_interaction(tiny_tokenizer, text) for text in messages]]
+    with torch.no_grad():
+        turns = play_conversations(chat_model, queries=queries, write_last_turn=True,
+                                   generate_kwargs=dict(max_new_tokens=5, do_sample=False))
+    assert [tiny_tokenizer.decode(t.answers[0], skip_special_tokens=True) for t in turns] == answers
+    torch.testing.assert_close(chat.memory[0], turns[-1].stm_after[0], atol=1e-6, rtol=1e-5)
