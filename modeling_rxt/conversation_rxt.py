@@ -235,6 +235,11 @@ class ConversationBatch:
                 raise ValueError("ConversationBatch needs stm_state=[B, L, S, D] or batch_size=B.")
             stm_state = model.init_memory(batch_size)
         elif batch_size is not None and stm_state.shape[0] != batch_size:
+            if stm_state.shape[0] != 1:
+                raise ValueError(
+                    f"stm_state holds {stm_state.shape[0]} conversations, batch_size={batch_size}: pass one STM per "
+                    "conversation, or a single one [1, L, S, D] to start every conversation from it."
+                )
             stm_state = stm_state.expand(batch_size, *stm_state.shape[1:])
         self.stm = stm_state  # [B, L, S, D]
         self.initial_stm = stm_state
@@ -440,6 +445,9 @@ class ConversationBatch:
             raise ValueError(f"memory_from={memory_from!r}: choose one of {MEMORY_SOURCES}.")
         if input_ids is None and queries is None:
             raise ValueError("play() needs input_ids (teacher-forced interactions) or queries (to generate answers).")
+        if isinstance(queries, torch.Tensor):
+            raise TypeError("queries must be lists [B][N_b] of prompt id lists (no padding), not a tensor; e.g. "
+                            "[[row[m.bool()].tolist() for row, m in zip(ids, mask)] for ids, mask in ...].")
         if memory_ids is None:
             memory_ids, memory_mask = input_ids, attention_mask
         if memory_from == "input" and memory_ids is None:
@@ -452,9 +460,13 @@ class ConversationBatch:
         if present is None:
             present = _grid_present(grid, attention_mask if input_ids is not None else None)
         present = torch.as_tensor(present, dtype=torch.bool).cpu()
-        scored = present if scored is None else torch.as_tensor(scored, dtype=torch.bool).cpu() & present
         if tuple(present.shape) != (size, turns):
             raise ValueError(f"present has shape {list(present.shape)}, expected [{size}, {turns}].")
+        if scored is not None:
+            scored = torch.as_tensor(scored, dtype=torch.bool).cpu()
+            if tuple(scored.shape) != (size, turns):
+                raise ValueError(f"scored has shape {list(scored.shape)}, expected [{size}, {turns}].")
+        scored = present if scored is None else scored & present
         decode = return_logits or return_logps or return_entropy
         if decode and input_ids is None:
             raise ValueError("return_logits / return_logps / return_entropy need teacher-forced input_ids.")
@@ -487,24 +499,29 @@ class ConversationBatch:
             yield result
 
     def _write_turn(self, k, writers, scored_rows, prompts, answers, memory_from, memory_ids, memory_mask):
+        """Turn `k`'s memory update of the rows `writers` [B]; returns their indices."""
         rows = writers.nonzero().squeeze(1).to(self.device)
+        generated = {}
         if memory_from == "generated" and answers is not None:
-            generated = dict(zip(scored_rows.tolist(), self.interactions(
-                [[t for t in p if t != self.config.pad_token_id] for p in prompts], answers)))
-            if memory_ids is None and any(r not in generated for r in rows.tolist()):
-                raise ValueError(f"turn {k}: rows present but not scored have no generated answer and no memory_ids.")
-            if all(r in generated for r in rows.tolist()):
-                self.write([generated[r] for r in rows.tolist()], rows=rows, turn=k)
-                return rows
-            own = [generated.get(r) for r in rows.tolist()]
-            ids, mask = _turn_rows(memory_ids, memory_mask, k, rows, False, self.config.pad_token_id, "right", "cpu")
-            given = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
-            self.write([o if o is not None else g for o, g in zip(own, given)], rows=rows, turn=k)
+            generated = dict(zip(scored_rows.tolist(), self.interactions(prompts, answers)))
+        given = [r for r in rows.tolist() if r not in generated]
+        if given and memory_ids is None:
+            raise ValueError(
+                f"turn {k}: conversations {given} write memory but generated no answer (not scored) and no "
+                "memory_ids / input_ids give their interaction; pass input_ids or memory_ids, or score those turns."
+            )
+        pad_id = self.config.pad_token_id
+        if not generated:  # the given interactions of every writer (a tensor grid is sliced, not re-padded)
+            everyone = rows.numel() == self.batch_size
+            ids, mask = _turn_rows(memory_ids, memory_mask, k, rows, everyone, pad_id, "right", self.device)
+            self.write(ids, mask, rows=None if everyone else rows, turn=k)
             return rows
-        everyone = rows.numel() == self.batch_size
-        ids, mask = _turn_rows(memory_ids, memory_mask, k, rows, everyone, self.config.pad_token_id, "right",
-                               self.device)
-        self.write(ids, mask, rows=None if everyone else rows, turn=k)
+        interactions = dict(generated)
+        if given:
+            index = torch.tensor(given, device=self.device)
+            ids, mask = _turn_rows(memory_ids, memory_mask, k, index, False, pad_id, "right", self.device)
+            interactions.update({r: row[m.bool()].tolist() for r, row, m in zip(given, ids.cpu(), mask.cpu())})
+        self.write([interactions[r] for r in rows.tolist()], rows=rows, turn=k)
         return rows
 
 

@@ -229,3 +229,18 @@ def test_chat_and_play_write_the_same_memory(model, tiny_tokenizer):
                                    generate_kwargs=dict(max_new_tokens=5, do_sample=False))
     assert [tiny_tokenizer.decode(t.answers[0], skip_special_tokens=True) for t in turns] == answers
     torch.testing.assert_close(chat.memory[0], turns[-1].stm_after[0], atol=1e-6, rtol=1e-5)
+
+
+def test_generated_memory_for_scored_rows_given_memory_for_the_others(model):
+    """MRL's mode: only some turns generate; the others write their reference interaction."""
+    queries = [[c[: c.index(A) + 1] for c in chat] for chat in CHATS]
+    scored = torch.tensor([[False, True, False], [False, False, False], [True, False, False]])
+    with torch.no_grad():
+        turns = play_conversations(model, CHATS, queries=queries, scored=scored, memory_from="generated",
+                                   generate_kwargs=dict(max_new_tokens=3, do_sample=False))
+        memory = model.init_memory(1)
+        for k, written in ((0, CHATS[0][0]), (1, queries[0][1] + turns[1].answers[0])):
+            memory = model.update_memory(memory, torch.tensor([written]))
+            torch.testing.assert_close(turns[k].stm_after[0], memory[0], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="generated no answer"):
+        play_conversations(model, queries=queries, scored=scored, generate_kwargs=dict(max_new_tokens=2))
