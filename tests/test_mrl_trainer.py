@@ -1,16 +1,22 @@
-"""MRL (stage 5): IMPO loss, group advantages, curriculum, STM resets, gradients through memory, a tiny run."""
+"""MRL (stage 5): IMPO loss, group advantages, curriculum, STM resets, gradients through memory, a tiny run, resume,
+and public TRL / transformers API only."""
 
+import ast
 import contextlib
+import inspect
 import io
 import json
 import math
 import os
+import re
+import textwrap
 
 import pytest
 import torch
 
 from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
 from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
+from rxt_hf.trainers import mrl_trainer
 from rxt_hf.trainers.mrl_trainer import (
     MRLConfig,
     MRLCurriculum,
@@ -160,7 +166,7 @@ def test_bad_config_values_fail_before_training(tmp_path):
 def _batch(trainer, data, step=0):
     trainer.state.global_step = step
     rows = [data[i] for i in (0, 0, 1, 1)]
-    return trainer._generate_and_score_completions(rows)
+    return trainer.rollout(rows)
 
 
 def test_stm_reset_probability(tmp_path, mrl_data, mrl_tokenizer):
@@ -220,7 +226,7 @@ def test_reward_functions_by_name(tmp_path, mrl_data, mrl_tokenizer):
                        reward_weights=[1.0, 0.2])
     assert trainer.reward_func_names == ["keyword_recall_reward", "length"]
     _batch(trainer, mrl_data, step=1)
-    assert math.isfinite(trainer._metrics["train"]["rewards/keyword_recall_reward/mean"][-1])
+    assert math.isfinite(trainer.step_metrics["train"]["rewards/keyword_recall_reward/mean"][-1])
 
 
 def _loss_grads(trainer, batch):
@@ -240,7 +246,7 @@ def test_policy_gradient_reaches_memory_attention_and_encoder(tmp_path, mrl_data
     batch = _batch(trainer, mrl_data)
     # make sure the policy term is non-zero: replace the advantages by fixed non-zero values
     batch["advantages"] = torch.where(batch["scored"], torch.tensor(1.0), torch.tensor(0.0))
-    batch["old_per_token_logps"] = trainer._episode_logps(trainer.model, batch)[0].detach() + 0.05
+    batch["old_per_token_logps"] = trainer.replay(trainer.model, batch)[0].detach() + 0.05
     trainer.apply_freeze(0)
     grads = _loss_grads(trainer, batch)
     assert grads["memory_attention"] and grads["encoder"] and grads["decoder"]
@@ -279,7 +285,7 @@ def test_supervised_term_is_the_reference_answer_cross_entropy(tmp_path, mrl_dat
     model = trainer.model.eval()
     rows = [mrl_data[0], mrl_data[1]]  # batch rows 0-1 and 2-3 are their G=2 rollouts
     with torch.no_grad():
-        _, _, _, supervised = trainer._episode_logps(model, batch, supervised=True)
+        _, _, _, supervised = trainer.replay(model, batch, supervised=True)
         nll, tokens = _reference_nll(model, mrl_tokenizer, rows, [[True] * 4] * 2)
     assert supervised.item() == pytest.approx(nll / tokens, rel=1e-4)
     # with zero advantages the loss is the supervised term alone, and it trains memory attention
@@ -295,7 +301,7 @@ def test_supervised_term_is_the_reference_answer_cross_entropy(tmp_path, mrl_dat
     # only the rewarded turns
     trainer.args.supervised_turns = "rewarded"
     with torch.no_grad():
-        _, _, _, rewarded = trainer._episode_logps(model.eval(), batch, supervised=True)
+        _, _, _, rewarded = trainer.replay(model.eval(), batch, supervised=True)
         nll, tokens = _reference_nll(model, mrl_tokenizer, rows, batch["scored"][[0, 2]].tolist())
     assert tokens > 0 and rewarded.item() == pytest.approx(nll / tokens, rel=1e-4)
     # off by default: no reference tensors, no term
@@ -409,13 +415,13 @@ def test_shared_memory_update_matches_per_row_updates(tmp_path, mrl_data, mrl_to
     batch = _batch(trainer, mrl_data, step=1)
     assert batch["memory_group"].tolist() == [0, 0, 1, 1]  # reference answers in memory: one STM per conversation
     model = trainer.model
-    shared_lp, _, shared_mse, _ = trainer._episode_logps(model, batch)
-    alone_lp, _, alone_mse, _ = trainer._episode_logps(model, {**batch, "memory_group": None})
+    shared_lp, _, shared_mse, _ = trainer.replay(model, batch)
+    alone_lp, _, alone_mse, _ = trainer.replay(model, {**batch, "memory_group": None})
     assert torch.allclose(shared_lp, alone_lp, atol=1e-5) and torch.allclose(shared_mse, alone_mse, atol=1e-6)
     # after TRL's shuffling the groups are found by id, not by position
     perm = torch.tensor([2, 0, 3, 1])
     shuffled = {k: v[perm] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
-    assert torch.allclose(trainer._episode_logps(model, shuffled)[0], shared_lp[perm], atol=1e-5)
+    assert torch.allclose(trainer.replay(model, shuffled)[0], shared_lp[perm], atol=1e-5)
     # own answers in memory: every rollout keeps its own STM
     own = _trainer(tmp_path / "own", mrl_data, mrl_tokenizer, kl_coef=0.0, own_answers_from_stage=0)
     assert _batch(own, mrl_data, step=1)["memory_group"].tolist() == [0, 1, 2, 3]
@@ -438,3 +444,88 @@ def test_lora_run_trains_only_adapters(tmp_path, mrl_data, mrl_tokenizer):
     for key, value in before.items():
         peft_key = next((k for k in base if k.replace(".base_layer", "") == key), None)
         assert peft_key is not None and torch.equal(base[peft_key], value), key
+
+
+# --- public API only, data order, resume, evaluation ---------------------------------------------------------
+
+
+def test_mrl_trainer_uses_no_private_trl_or_transformers_member():
+    """MRLTrainer overrides no `_`-prefixed method of TRL or transformers, its methods touch no `self._x` those
+    libraries define (nor any `obj._x` at all), and the module imports no private name from them."""
+    from transformers import Trainer
+    from trl import GRPOConfig, GRPOTrainer
+
+    assert issubclass(MRLConfig, GRPOConfig) and issubclass(MRLTrainer, Trainer)
+    library = {c for c in (*MRLTrainer.__mro__, *GRPOTrainer.__mro__)
+               if c.__module__.split(".")[0] in ("transformers", "trl")}
+    assert Trainer in library and GRPOTrainer in library
+    private = {name for c in library for name in vars(c) if name.startswith("_") and not name.endswith("__")}
+    for c in library:  # private attributes the libraries set on the trainer (self._x = ...) or read
+        private |= set(re.findall(r"self\.(_[A-Za-z]\w*)", inspect.getsource(c)))
+    assert {"_prepare_inputs", "_generate_and_score_completions", "_compute_loss", "_metrics",
+            "_get_train_sampler", "_save_checkpoint"} <= private  # the walk does find them
+    own = {name for name in vars(MRLTrainer) if not (name.startswith("__") and name.endswith("__"))}
+    assert not own & private, sorted(own & private)
+    assert not [name for name in own if name.startswith("_")]
+    tree = ast.parse(textwrap.dedent(inspect.getsource(MRLTrainer)))
+    accessed = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    underscored = {name for name in accessed if name.startswith("_") and not name.endswith("__")}
+    assert not underscored, sorted(underscored)  # no self._x, super()._x, self.accelerator._x, ...
+    assert {"rollout_buffer", "step_metrics", "accelerator"} <= accessed  # the walk does see attribute access
+    for name, value in vars(mrl_trainer).items():
+        origin = getattr(value, "__module__", None) or ""
+        if origin.split(".")[0] in ("trl", "transformers", "accelerate"):
+            assert not name.startswith("_") and not getattr(value, "__name__", "x").startswith("_"), name
+
+
+def test_data_order_is_grpo_repeat_sampling(tmp_path, mrl_data, mrl_tokenizer):
+    trainer = _trainer(tmp_path, mrl_data, mrl_tokenizer, kl_coef=0.0, gradient_accumulation_steps=2,
+                       num_iterations=2)
+    assert trainer.args.steps_per_generation == 2
+    loader = trainer.get_train_dataloader()
+    batches = [b for _, b in zip(range(4), loader)]
+    assert all(len(b) == 8 for b in batches)  # per_device_train_batch_size x steps_per_generation rows
+    ids = [[row["conversation_id"] for row in b] for b in batches]
+    assert all(b[0::2] == b[1::2] for b in ids)  # each conversation twice in a row (num_generations=2)
+    assert ids[0] == ids[1] == ids[2] == ids[3]  # one generation batch for num_iterations x steps_per_generation
+
+
+def _final_weights(trainer):
+    return {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+
+
+def test_resume_from_checkpoint_reaches_the_uninterrupted_weights(tmp_path, mrl_data, mrl_tokenizer):
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, curriculum_steps=[1, 2], kl_reference="initial",
+              gradient_accumulation_steps=2, freeze_schedule={"memory_attention": 0, "decoder": 2})
+    whole = _trainer(tmp_path / "whole", mrl_data, mrl_tokenizer, **kw)
+    _quiet_train(whole)
+    ckpt = tmp_path / "whole" / "checkpoint-2"
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(
+        os.listdir(ckpt))
+    resumed = _trainer(tmp_path / "whole", mrl_data, mrl_tokenizer, **{**kw, "save_strategy": "no"})
+    _quiet_train(resumed, resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 4
+    expected, got = _final_weights(whole), _final_weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (whole, resumed)]
+    assert losses[0] == losses[1]
+
+
+def test_evaluate_rolls_out_and_logs_eval_metrics(tmp_path, mrl_data, mrl_tokenizer):
+    trainer = MRLTrainer(_model(mrl_tokenizer), args=_args(tmp_path, kl_coef=0.0, per_device_eval_batch_size=4),
+                         train_dataset=mrl_data, eval_dataset=mrl_data.select(range(4)),
+                         processing_class=mrl_tokenizer)
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and math.isfinite(metrics["eval_reward"])
+    assert "eval_rewards/reference_bleu/mean" in metrics and "eval_stm_change" in metrics
+    assert not trainer.step_metrics["eval"]  # flushed into the record
+
+
+def test_reward_functions_must_be_callables(tmp_path, mrl_data, mrl_tokenizer):
+    with pytest.raises(TypeError, match="RewardModelReward"):
+        MRLTrainer(_model(mrl_tokenizer), reward_funcs=["some/reward-model"], args=_args(tmp_path, kl_coef=0.0),
+                   train_dataset=mrl_data, processing_class=mrl_tokenizer)
+    with pytest.raises(ValueError, match="reward_weights"):
+        MRLTrainer(_model(mrl_tokenizer), args=_args(tmp_path, kl_coef=0.0, reward_weights=[1.0]),
+                   train_dataset=mrl_data, processing_class=mrl_tokenizer)

@@ -1,47 +1,55 @@
-"""Stage 5: Memory Reinforcement Learning (MRL) for RxT, derived from TRL's GRPO trainer.
+"""Stage 5: Memory Reinforcement Learning (MRL) for RxT, on TRL's GRPO configuration and public utilities.
 
-``MRLConfig`` subclasses ``trl.GRPOConfig`` and ``MRLTrainer`` subclasses ``trl.GRPOTrainer`` (TRL **1.16.0**,
-pinned in ``setup.py``, because private methods are overridden). What is reused from TRL unchanged:
+``MRLConfig`` subclasses ``trl.GRPOConfig``; ``MRLTrainer`` is a ``transformers.Trainer`` (with the stage mixin
+:class:`~rxt_hf.trainers.trainer_base.RxTStageMixin`) that owns its rollout loop. It is not a ``trl.GRPOTrainer``
+subclass: GRPOTrainer's public ``training_step`` / ``compute_loss`` / ``prediction_step`` run through its private
+methods (``_prepare_inputs``, ``_generate_and_score_completions``, ``_compute_loss``) and private state (the
+generation buffer, ``_metrics``), and an MRL episode is a conversation played through the STM, not one completion
+per prompt; subclassing would mean overriding those private methods again. So MRL uses only public API:
 
-- the ``transformers.Trainer`` loop underneath (optimizer / scheduler, gradient accumulation and clipping,
-  progress bar, ``checkpoint-N`` saving, ``train(resume_from_checkpoint=...)``, ``save_model`` and the model
-  card, trackers);
-- GRPO's data path: the ``RepeatSampler`` that repeats every data set row (here: a *conversation*)
-  ``num_generations`` times, the generation buffer of ``_prepare_inputs`` (``steps_per_generation``,
-  ``num_iterations``, shuffling and splitting of the generated batch);
-- the reward-function machinery: ``_calculate_rewards`` (TRL's reward-function signature
-  ``fn(prompts, completions, completion_ids=..., **columns, trainer_state, log_extra, log_metric)``, ``None``
-  -> NaN, reward weights from ``reward_weights``) and the metric store / ``log`` (averaging per logging step);
-- the GRPO group baseline (``(r - mean_group) / (std_group + 1e-4)`` with ``scale_rewards`` "group" / "batch" /
-  "none"), written out in :func:`group_advantages` with TRL's ``nanstd``, and the clipped surrogate with
-  ``epsilon`` / ``epsilon_high`` and TRL's k3 KL estimator, written out in :func:`impo_loss` (TRL 1.16 computes
-  them inline in ``_compute_loss``, which cannot be called with an STM-conditioned episode).
+- from ``transformers``: ``Trainer`` and its public hooks (``get_train_dataloader``, ``get_eval_dataloader``,
+  ``training_step``, ``compute_loss``, ``prediction_step``, ``log``, ``train``, the ``loss_is_scaled_for_ga``
+  attribute, callbacks), ``seed_worker``, ``PREFIX_CHECKPOINT_DIR``, ``get_last_checkpoint``; the
+  Trainer loop itself (optimizer / scheduler, gradient accumulation and clipping, ``checkpoint-N`` saving and
+  ``train(resume_from_checkpoint=...)``, trackers) is unchanged;
+- from TRL (``trl.trainer.utils``): ``RepeatSampler`` (every conversation repeated ``num_generations`` times,
+  ``steps_per_generation`` x ``num_iterations`` times in a row: GRPO's data order), ``shuffle_sequence_dict`` and
+  ``split_tensor_dict`` (GRPO's generation buffer: one rollout per ``steps_per_generation * num_iterations``
+  micro-steps, shuffled and split into ``steps_per_generation`` micro-batches), ``nanstd``, ``get_callable_name``,
+  ``identity`` (the collator), ``print_prompt_completions_sample`` (``log_completions``);
+- reward functions in TRL's signature ``fn(prompts, completions, completion_ids=..., **columns, trainer_state,
+  log_extra, log_metric)`` (``None`` -> NaN, weighted by ``reward_weights``), and TRL's metric names.
 
-Overridden private methods of GRPOTrainer 1.16.0 (re-check them when TRL is upgraded):
+The episodes are played with the one conversation primitive,
+:class:`~rxt_hf.modeling_rxt.conversation_rxt.ConversationBatch`:
 
-- ``_generate_and_score_completions(inputs)``: TRL generates one completion per prompt with a plain
-  ``model.generate``. An MRL *episode* is a conversation: the STM for turn ``k`` is built by encoder + memory
+- **rollout** (:meth:`MRLTrainer.rollout`, no gradients): the STM for turn ``k`` is built by encoder + memory
   attention from turns ``< k``; at the turns the curriculum rewards, every one of the ``G`` copies of the
-  conversation samples its own answer (``generate(..., stm_state=stm)``), the answers are scored with the
-  reward functions and turned into group advantages (group = the G rollouts of one conversation at one turn).
-  The interaction written into memory is the reference one, or the rollout's own answer once the curriculum
-  says so (``own_answers_from_stage``). It returns per-turn tensors ``[R, N, ...]`` (R = rows, N = turns).
-- ``_compute_loss(model, inputs)`` (and therefore ``compute_loss``): the episode is re-played *with gradients*:
-  the STM for turn k is recomputed from the stored interactions of turns < k (starting from the stored initial
-  STM), so the policy loss of turn k reaches memory attention and, when unfrozen, the encoder. The loss is
-  IMPO (Implicit Memory Policy Optimization): the clipped surrogate (no GAE; advantage = group baseline),
-  plus ``kl_coef`` x KL to the previous step's policy (or the initial policy), plus ``memory_reg_coef`` x the
-  mean squared difference between consecutive STMs. Optionally (``supervised_coef`` > 0, off by default) plus a
-  supervised term in the manner of InstructGPT's PPO-ptx: the teacher-forced cross-entropy of the reference
-  answers of every turn (``supervised_turns="all"``) or of the rewarded turns (``"rewarded"``), each read with
-  the re-played STM, one pass per conversation.
-- ``training_step``: applies the freezing schedule (``freeze_schedule``) before TRL's step.
+  conversation samples its own answer (``ConversationBatch.play(queries=...)``), the answers are scored with the
+  reward functions and turned into group advantages (group = the G rollouts of one conversation at one turn). The
+  interaction written into memory is the reference one, or the rollout's own answer once the curriculum says so
+  (``own_answers_from_stage``). It returns per-turn tensors ``[R, N, ...]`` (R = rows, N = turns).
+- **loss** (:meth:`MRLTrainer.compute_loss` via :meth:`MRLTrainer.replay`): the episode is re-played *with
+  gradients* (``ConversationBatch.play(input_ids=...)``, teacher-forced on the sampled answers): the STM for turn k
+  is recomputed from the stored interactions of turns < k (starting from the stored initial STM), so the policy
+  loss of turn k reaches memory attention and, when unfrozen, the encoder. The loss is IMPO (Implicit Memory
+  Policy Optimization): the clipped surrogate (no GAE; advantage = group baseline), plus ``kl_coef`` x KL to the
+  previous step's policy (or the initial policy), plus ``memory_reg_coef`` x the mean squared difference between
+  consecutive STMs. Optionally (``supervised_coef`` > 0, off by default) plus a supervised term in the manner of
+  InstructGPT's PPO-ptx: the teacher-forced cross-entropy of the reference answers of every turn
+  (``supervised_turns="all"``) or of the rewarded turns (``"rewarded"``), each read with the re-played STM, one
+  pass per conversation.
+- ``training_step`` applies the freezing schedule (``freeze_schedule``), takes the micro-batch from the rollout
+  buffer and runs ``Trainer.training_step`` on it.
+
+The GRPO group baseline (``(r - mean_group) / (std_group + 1e-4)`` with ``scale_rewards`` "group" / "batch" /
+"none") is :func:`group_advantages`; the clipped surrogate with ``epsilon`` / ``epsilon_high`` and the k3 KL
+estimator is :func:`impo_loss`.
 
 ``beta`` (TRL's reference-model KL, which would reload the model from the Hub by name) must stay 0: the IMPO
 KL is ``kl_coef`` with ``kl_reference`` ("previous": a copy of the policy of the previous optimizer step,
-"initial": a frozen copy of the starting policy). Both copies are plain ``deepcopy``s of the RxT model made
-before TRL patches its forward; the reference log-probs are computed by re-playing the episode with the copy's
-own memory system.
+"initial": a frozen copy of the starting policy). Both copies are plain ``deepcopy``s of the RxT model; the
+reference log-probs are computed by re-playing the episode with the copy's own memory system.
 
 Curriculum: ``curriculum_steps`` (e.g. ``[2, 4, 8, 12, 16]``) is the number of follow-up interactions in an
 episode (after the first, memory-only interaction); ``curriculum_starts`` says from which optimizer step each
@@ -63,40 +71,55 @@ Metrics logged every logging step (``logging_steps=1`` for every step): ``reward
 per reward function (and ``rewards/<component>/mean`` from a ``CombinedReward``), ``reward``, ``reward_std``,
 ``kl``, ``stm_change`` (mean squared STM difference per memory update), ``memory_loss``, ``clip_fraction``,
 ``answer_length``, ``entropy``, ``policy_loss``, ``curriculum/steps``, ``curriculum/stage``, ``stm_reset``
-(and ``supervised_loss`` when the supervised term is on).
+(and ``supervised_loss`` when the supervised term is on). With several processes the reward statistics are over
+every process's answers, the loss statistics are the main process's.
 
 Advantage: the group baseline by default; with ``advantage_estimator="critic"`` the reward minus the memory-aware
-critic's ``V(query, STM)`` (:mod:`trainers.mrl_critic`: a copy of the policy's embedding + decoder with a value
-head, fitted by MSE to the rewards of every generation round, saved as ``critic.pt`` in each checkpoint).
+critic's ``V(query, STM)`` (:mod:`rxt_hf.trainers.mrl_critic`: a copy of the policy's embedding + decoder with a
+value head, fitted by MSE to the rewards of every generation round, saved as ``critic.pt`` in each checkpoint).
 
-Not implemented: vLLM
-generation (``use_vllm`` is refused); multi-process runs with the "long-range" strategy (the number of rewarded
-turns may differ between processes; TRL's reward ``gather`` needs equal counts) - single process or
-"cumulative" only; the "previous" KL snapshot is not stored in checkpoints (after a resume it restarts from the
-resumed weights, so the first KL after a resume is 0).
+Not implemented: vLLM generation (``use_vllm`` is refused); reward models passed as ``reward_funcs`` (ids or
+``nn.Module``: wrap a sequence classifier in ``rxt_hf.trainers.rxrlhf_online.RewardModelReward``); streamed
+(``IterableDataset``) training data; the "previous" KL snapshot is not stored in checkpoints (after a resume it
+restarts from the resumed weights, so the first KL after a resume is 0).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import inspect
 import json
 import math
 import os
 import warnings
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import nanstd
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, seed_worker
+from transformers.utils import is_rich_available
+from trl import GRPOConfig
+from trl.trainer.utils import (
+    RepeatSampler,
+    get_callable_name,
+    identity,
+    nanstd,
+    print_prompt_completions_sample,
+    shuffle_sequence_dict,
+    split_tensor_dict,
+)
 
+from rxt_hf.modeling_rxt.conversation_rxt import ConversationBatch
 from rxt_hf.modeling_rxt.format_rxt import (
     IGNORE_INDEX,
-    Interaction,
     encode_texts,
     frame_interaction,
     pad_grid,
@@ -107,9 +130,9 @@ from rxt_hf.modeling_rxt.format_rxt import (
 from .mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from .rewards import REWARDS_BY_NAME
 from .smat_trainer import SMAT_COMPONENTS, component_parameters, resolve_schedule_step
-from .trl_stage import RxTStageMixin, is_peft_model
+from .trainer_base import RxTStageMixin, is_peft_model
 
-__all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo_loss", "shared_memory_update"]
+__all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo_loss", "rewarded_turns"]
 
 STRATEGIES = ("cumulative", "long-range")
 KL_REFERENCES = ("previous", "initial")
@@ -457,26 +480,15 @@ def impo_loss(
 # trainer
 
 
-def shared_memory_update(model, stm: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         memory_group: torch.Tensor | None) -> torch.Tensor:
-    """``model.update_memory`` computed once per ``memory_group`` (rows with one id share STM and interaction,
-    e.g. the G rollouts of a conversation) and copied to the group's rows; gradients flow to the shared update.
-    ``memory_group`` ``[R]`` (any order, as after TRL's shuffling) or None (every row on its own)."""
-    if memory_group is None:
-        return model.update_memory(stm, input_ids, attention_mask)
-    first, inverse = _group_leaders(memory_group)  # [groups], [R]
-    if first.numel() == memory_group.numel():
-        return model.update_memory(stm, input_ids, attention_mask)
-    new = model.update_memory(stm[first], input_ids[first], attention_mask[first])  # [groups, L, S, D]
-    return new[inverse]  # [R, L, S, D]
-
-
-def _group_leaders(memory_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(first [groups], inverse [R])``: the first row of every memory group and each row's group index."""
-    groups, inverse = torch.unique(memory_group, return_inverse=True)
+def _first_of_groups(memory_group: torch.Tensor) -> torch.Tensor:
+    """``[R]`` bool: the first row of every memory group (ids in any order, as after the buffer's shuffling)."""
+    _, inverse = torch.unique(memory_group, return_inverse=True)
     rows = torch.arange(memory_group.numel(), device=memory_group.device)
-    first = torch.full_like(groups, memory_group.numel()).scatter_reduce(0, inverse, rows, "amin")
-    return first, inverse
+    first = torch.full((int(inverse.max()) + 1,), memory_group.numel(), device=memory_group.device, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, rows, "amin")
+    leaders = torch.zeros(memory_group.numel(), dtype=torch.bool, device=memory_group.device)
+    leaders[first] = True
+    return leaders
 
 
 class _CriticCheckpoint(TrainerCallback):
@@ -492,18 +504,27 @@ class _CriticCheckpoint(TrainerCallback):
         return control
 
 
-class MRLTrainer(RxTStageMixin, GRPOTrainer):
-    """Memory Reinforcement Learning (stage 5) with IMPO, as a ``trl.GRPOTrainer`` over conversations.
+class MRLTrainer(RxTStageMixin, Trainer):
+    """Memory Reinforcement Learning (stage 5) with IMPO: a ``transformers.Trainer`` over conversations, configured
+    by an ``MRLConfig`` (a ``trl.GRPOConfig``).
+
+    Why not a ``trl.GRPOTrainer`` subclass: its public ``training_step`` / ``compute_loss`` / ``prediction_step``
+    go through private methods (``_prepare_inputs``, ``_generate_and_score_completions``, ``_compute_loss``) and
+    private state that an MRL episode (a conversation played through the STM) would have to override, which ties
+    the code to one TRL release. This class keeps GRPO's configuration, data order (TRL's ``RepeatSampler``),
+    generation buffer (``shuffle_sequence_dict`` / ``split_tensor_dict``), reward-function signature and metric
+    names, and overrides only public ``transformers.Trainer`` hooks.
 
     ``train_dataset`` holds multi-turn rows (``query``, ``answer``, ``interactions: [{query, answer}]``,
     optional ``recall_distance`` per follow-up and ``conversation_id``), e.g. from
-    ``build_synthetic_dataset("multi-turn", ...)``. ``reward_funcs`` are TRL reward functions; they receive
-    the columns ``answer`` (reference text), ``reference_ids``, ``memory`` / ``memory_ids`` (the remembered
+    ``build_synthetic_dataset("multi-turn", ...)``. ``reward_funcs`` are TRL reward functions (callables); they
+    receive the columns ``answer`` (reference text), ``reference_ids``, ``memory`` / ``memory_ids`` (the remembered
     interaction a recall question refers to, else ``None``), ``answer_keywords`` (the key words of the fact it
     asks for, ``[]`` for none), ``recall_distance``, ``turn`` and ``query``.
     Default: the functions ``args.reward_functions`` names (``[reference_bleu_reward, memory_bleu_reward,
-    length_reward]`` when None). See the module docstring for the
-    episode, the loss and the overridden TRL 1.16.0 private methods.
+    length_reward]`` when None). ``peft_config`` (a ``peft.PeftConfig``) wraps the model with
+    ``peft.get_peft_model`` (the freezing schedule then does not apply). See the module docstring for the episode
+    and the loss.
 
     Example:
 
@@ -535,12 +556,12 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
     ```
     """
 
-    _tag_names = ["trl", "grpo", "rxt", "mrl"]
-    _name = "MRL"
     stage_name = "mrl"
+    loss_is_scaled_for_ga = False  # compute_loss returns the micro-batch's loss; the Trainer divides it
 
     def __init__(self, model, reward_funcs=None, args: MRLConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, **kwargs):
+                 eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None),
+                 peft_config=None):
         if not isinstance(args, MRLConfig):
             raise TypeError(f"args must be an MRLConfig, got {type(args).__name__}; build one with "
                             "MRLConfig(output_dir=...).")
@@ -550,48 +571,126 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
             raise ValueError("MRLTrainer needs processing_class=<the RxT tokenizer>.")
         if train_dataset is None:
             raise ValueError("MRLTrainer needs a multi-turn train_dataset (query, answer, interactions).")
-        missing = [c for c in ("query", "answer", "interactions") if c not in train_dataset.column_names]
+        for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if isinstance(data, IterableDataset):
+                raise TypeError(f"{name} is a streamed IterableDataset; MRLTrainer samples conversations by index "
+                                "(GRPO's RepeatSampler): load it as a datasets.Dataset (e.g. streaming=False).")
+        missing = [c for c in ("query", "answer", "interactions") if c not in (train_dataset.column_names or [])]
         if missing:
             raise ValueError(f"train_dataset lacks the multi-turn columns {missing}; build it with "
                              "build_synthetic_dataset('multi-turn', ...) or load_rxt_dataset(..., kind='multi-turn').")
         if reward_funcs is None:
             reward_funcs = [REWARDS_BY_NAME[n] for n in (args.reward_functions or DEFAULT_REWARDS)]
-        self._is_peft = is_peft_model(model) or kwargs.get("peft_config") is not None
-        self.start_stage_record(self._is_peft)
-        if not self._is_peft:
+        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        for func in reward_funcs:
+            if isinstance(func, (str, torch.nn.Module)) or not callable(func):
+                raise TypeError(
+                    f"reward_funcs holds {func!r}: MRLTrainer takes callables in TRL's reward-function signature "
+                    "fn(prompts, completions, **columns) -> list[float | None]; wrap a reward model in "
+                    "rxt_hf.trainers.rxrlhf_online.RewardModelReward(model, tokenizer)."
+                )
+        if args.reward_weights is not None and len(args.reward_weights) != len(reward_funcs):
+            raise ValueError(f"MRLConfig.reward_weights={args.reward_weights!r} has {len(args.reward_weights)} "
+                             f"weights for {len(reward_funcs)} reward functions; give one weight per function.")
+        self.peft_adapters = is_peft_model(model) or peft_config is not None
+        self.start_stage_record(self.peft_adapters)
+        if not self.peft_adapters:
             # Every parameter trainable while the optimizer is built; the schedule freezes per step.
             for param in model.parameters():
                 param.requires_grad_(True)
-        # The KL reference: a copy taken before TRL patches the model's forward.
-        self._kl_model = None
+        # The KL reference: a frozen copy of the starting policy.
+        self.kl_model = None
         if args.kl_coef > 0:
-            self._kl_model = copy.deepcopy(model).eval()
-            for param in self._kl_model.parameters():
+            self.kl_model = copy.deepcopy(model).eval()
+            for param in self.kl_model.parameters():
                 param.requires_grad_(False)
         self.curriculum = MRLCurriculum(args)
-        self._ids = special_token_ids(processing_class)
+        self.special_ids = special_token_ids(processing_class)
         # The optional memory-aware critic: its own copy of embedding + decoder, its own optimizer.
         self.critic = MemoryAwareCritic(model) if args.advantage_estimator == "critic" else None
-        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, **kwargs)
-        if self._kl_model is not None:
-            self._kl_model.to(self.accelerator.device)
+        # The model generates with the tokenizer's padding; LoRA adapters start from the seed (as in TRL).
+        model.config.pad_token_id = processing_class.pad_token_id
+        model.generation_config.pad_token_id = processing_class.pad_token_id
+        set_seed(args.seed)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            if is_peft_model(model):
+                raise ValueError("peft_config was given with a PeftModel; merge its adapters first "
+                                 "(model.merge_and_unload()) or pass the PeftModel without peft_config.")
+            model = get_peft_model(model, peft_config)
+        self.reward_funcs = reward_funcs
+        self.reward_func_names = [get_callable_name(func) for func in reward_funcs]
+        self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)
+        super().__init__(model=model, args=args, data_collator=identity, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers)
+        if args.n_gpu > 1:
+            raise ValueError("MRLTrainer does not run under nn.DataParallel (several GPUs in one process); launch "
+                             "with torchrun / accelerate launch, or make one GPU visible (CUDA_VISIBLE_DEVICES).")
+        if self.kl_model is not None:
+            self.kl_model.to(self.accelerator.device)
         self.critic_optimizer = None
         if self.critic is not None:
             self.critic.to(self.accelerator.device)
             self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_learning_rate)
             self.add_callback(_CriticCheckpoint(self))
-        self._reset_generator = torch.Generator().manual_seed(int(args.seed) + 17)
+        self.reset_generator = torch.Generator().manual_seed(int(args.seed) + 17)
         self.freeze_steps = {
             name: resolve_schedule_step(args.freeze_schedule.get(name), max(args.max_steps, 1))
             for name in SMAT_COMPONENTS
         }
+        # Metrics averaged per logging step ("train" / "eval"), reward-function metrics of the current rollout,
+        # the last rollout's completions (log_completions), the rollout buffer and the micro-steps run.
+        self.step_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.reward_metrics = defaultdict(list)
+        self.completion_table: dict[str, Any] = {}
+        self.rollout_buffer: list[dict[str, Any]] | None = None
+        self.micro_steps = 0
+        # Each process samples its own answers (the seed differs per process, as in TRL).
+        set_seed(args.seed, device_specific=True)
 
     def data_description(self) -> str:
         data = self.train_dataset
         size = len(data) if hasattr(data, "__len__") else "streamed"
         return (f"Multi-turn conversations ({size} training conversations), rolled out as MRL episodes of "
                 f"{'/'.join(str(s) for s in self.curriculum.steps)} follow-up interactions.")
+
+    # --- data: GRPO's order ---------------------------------------------------------------------------
+
+    def conversation_loader(self, dataset, batch_size: int, sampler: RepeatSampler, training: bool) -> DataLoader:
+        """A prepared DataLoader of conversation rows (lists of dicts, TRL's ``identity`` collator)."""
+        args = self.args
+        params = dict(batch_size=batch_size, sampler=sampler, collate_fn=self.data_collator,
+                      drop_last=args.dataloader_drop_last, num_workers=args.dataloader_num_workers,
+                      pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers,
+                      prefetch_factor=args.dataloader_prefetch_factor)
+        if training:
+            params["worker_init_fn"] = partial(seed_worker, num_workers=args.dataloader_num_workers,
+                                               rank=args.process_index)
+        return self.accelerator.prepare(DataLoader(dataset, **params))
+
+    def get_train_dataloader(self) -> DataLoader:
+        """GRPO's training order: every loader batch is one generation batch (``per_device_train_batch_size x
+        steps_per_generation`` rows), each conversation repeated ``num_generations`` times, the batch repeated
+        ``num_iterations x steps_per_generation`` times (see TRL's ``RepeatSampler``)."""
+        args = self.args
+        sampler = RepeatSampler(self.train_dataset, mini_repeat_count=args.num_generations,
+                                batch_size=args.generation_batch_size // args.num_generations,
+                                repeat_count=args.num_iterations * args.steps_per_generation,
+                                shuffle=args.shuffle_dataset, seed=args.seed)
+        return self.conversation_loader(self.train_dataset, args.per_device_train_batch_size * args.steps_per_generation,
+                                        sampler, training=True)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("MRLTrainer.evaluate needs an eval_dataset (multi-turn rows).")
+        generations = self.args.num_generations_eval or self.args.num_generations
+        sampler = RepeatSampler(dataset, mini_repeat_count=generations, seed=self.args.seed)
+        return self.conversation_loader(dataset, self.args.eval_batch_size, sampler, training=False)
 
     # --- critic --------------------------------------------------------------------------------------
 
@@ -620,10 +719,11 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
             if folder and not self.load_critic(folder):
                 warnings.warn(f"{folder} holds no {self.CRITIC_FILE}; the memory-aware critic starts fresh.",
                               stacklevel=2)
+        self.rollout_buffer, self.micro_steps = None, 0
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def _critic_values(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, stm: torch.Tensor,
-                       rewards: torch.Tensor, fit: bool) -> torch.Tensor:
+    def critic_values(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, stm: torch.Tensor,
+                      rewards: torch.Tensor, fit: bool) -> torch.Tensor:
         """V for the scored answers (before fitting), then ``critic_epochs`` MSE steps on the finite rewards."""
         self.critic.eval()
         values = self.critic(prompt_ids, prompt_mask, stm)
@@ -638,8 +738,8 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)
                     self.critic_optimizer.step()
-            self._metrics["train"]["critic/loss"].append(loss.item())
-        metrics = self._metrics["train" if fit else "eval"]
+            self.step_metrics["train"]["critic/loss"].append(loss.item())
+        metrics = self.step_metrics["train" if fit else "eval"]
         metrics["critic/value_mean"].append(values.mean().item())
         metrics["critic/explained_variance"].append(explained_variance(values.cpu(), rewards.cpu()))
         return values
@@ -656,7 +756,7 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
 
     def apply_freeze(self, step: int) -> list[str]:
         """Set ``requires_grad`` for optimizer step ``step`` (no-op for PEFT models); returns trainable parts."""
-        if self._is_peft:
+        if self.peft_adapters:
             return []
         active = self.trainable_components(step)
         for name, params in self.component_parameters().items():
@@ -664,13 +764,79 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
                 param.requires_grad_(name in active)
         return active
 
+    # --- Trainer hooks --------------------------------------------------------------------------------
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """Freeze for this step, roll out the generation batch ``inputs`` when the buffer is due (GRPO's
+        generation buffer), then ``Trainer.training_step`` on this micro-step's share of the rollout."""
         self.apply_freeze(self.state.global_step)
-        return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        args = self.args
+        if self.micro_steps % (args.steps_per_generation * args.num_iterations) == 0 or self.rollout_buffer is None:
+            episodes = shuffle_sequence_dict(self.rollout(inputs, mode="train"))
+            self.rollout_buffer = split_tensor_dict(episodes, args.steps_per_generation)
+        episodes = self.rollout_buffer[self.micro_steps % args.steps_per_generation]
+        loss = super().training_step(model, episodes, num_items_in_batch)
+        self.micro_steps += 1
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: roll out the batch's conversations and return the IMPO loss (no labels, no logits)."""
+        episodes = self.rollout(inputs, mode="eval")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, episodes)
+        return loss.mean().detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averages of the metrics recorded since the last log (NaN left out; ``eval_`` in evaluation)."""
+        mode = "train" if self.model.training else "eval"
+        for key, values in self.step_metrics[mode].items():
+            valid = [v for v in values if not math.isnan(v)]
+            logs[f"eval_{key}" if mode == "eval" else key] = sum(valid) / len(valid) if valid else None
+        super().log(logs, start_time)
+        self.step_metrics[mode].clear()
+        table = self.completion_table
+        if self.args.log_completions and table and self.accelerator.is_main_process and is_rich_available():
+            print_prompt_completions_sample(table["prompt"], table["completion"], table["rewards"],
+                                            table["advantages"], self.state.global_step,
+                                            self.args.num_completions_to_print)
+
+    # --- reward functions ------------------------------------------------------------------------------
+
+    def log_metric(self, name: str, value: float) -> None:
+        """``log_metric`` of the reward functions: a scalar averaged into this rollout's metrics."""
+        self.reward_metrics[name].append(value)
+
+    def log_completion_extra(self, column: str, values: list) -> None:
+        """``log_extra`` of the reward functions: an extra column of the completions table."""
+        self.completion_table.setdefault("extra", defaultdict(list))[column].extend(values)
+
+    def score_rewards(self, columns: list[dict[str, Any]], prompts: list[str], completions: list[str],
+                      completion_ids: list[list[int]]) -> torch.Tensor:
+        """``[M, F]`` rewards of M completions by the F reward functions, called in TRL's signature with the
+        dataset ``columns`` (one dict per completion) as lists; ``None`` becomes NaN. Async functions are awaited."""
+        device = self.accelerator.device
+        kwargs = {key: [row[key] for row in columns] for key in (columns[0] if columns else {})}
+        rewards = torch.zeros(len(prompts), len(self.reward_funcs), device=device)
+        for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names)):
+            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs,
+                          trainer_state=self.state, log_extra=self.log_completion_extra, log_metric=self.log_metric)
+            if inspect.isawaitable(values):
+                values = asyncio.run(values)
+            values = [torch.nan if v is None else v for v in values]
+            if len(values) != len(prompts):
+                raise ValueError(f"the reward function {name!r} returned {len(values)} rewards for {len(prompts)} "
+                                 "completions; it must return one reward (or None) per completion.")
+            rewards[:, i] = torch.tensor(values, dtype=torch.float32, device=device)
+        if bool(torch.isnan(rewards).all(dim=1).any()):
+            warnings.warn("every reward function returned None for some completions; they get advantage 0.",
+                          stacklevel=2)
+        return rewards
 
     # --- episodes ------------------------------------------------------------------------------------
 
-    def _episode_rows(self, row: dict, num_steps: int) -> list[dict]:
+    def episode_turns(self, row: dict, num_steps: int) -> list[dict]:
+        """The first ``num_steps + 1`` turns of a conversation row, with ``distance`` and ``keywords``."""
         turns = [{"query": row["query"], "answer": row["answer"]}, *[dict(t) for t in row["interactions"] or []]]
         dist = [0, *list(row.get("recall_distance") or [0] * (len(turns) - 1))]
         keywords = [[], *list(row.get("answer_keywords") or [[]] * (len(turns) - 1))]
@@ -679,25 +845,25 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
             turns[t]["keywords"] = list(kws or [])
         return turns[: num_steps + 1]
 
-    def _initial_stm(self, model, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_stm(self, model, groups: int, generations: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[R, L, S, D]`` initial STM and ``[R]`` reset flags (one draw per conversation group)."""
-        G = self.num_generations
-        stm = model.init_memory(groups * G).detach()
-        draw = torch.rand(groups, generator=self._reset_generator) < self.args.stm_reset_probability
-        reset = draw.repeat_interleave(G).to(stm.device)
+        stm = model.init_memory(groups * generations).detach()
+        draw = torch.rand(groups, generator=self.reset_generator) < self.args.stm_reset_probability
+        reset = draw.repeat_interleave(generations).to(stm.device)
         if reset.any():
             shape = (groups, *stm.shape[1:])  # one random state per conversation, shared by its G rollouts
-            noise = torch.randn(shape, generator=self._reset_generator).to(stm) * self.args.stm_reset_std
-            noise = noise.repeat_interleave(G, dim=0)
+            noise = torch.randn(shape, generator=self.reset_generator).to(stm) * self.args.stm_reset_std
+            noise = noise.repeat_interleave(generations, dim=0)
             stm = torch.where(reset.view(-1, *[1] * (stm.dim() - 1)), noise, stm)
         return stm, reset
 
     @torch.no_grad()
-    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """Override of GRPOTrainer 1.16.0's private method: roll out whole conversations (see module doc)."""
+    def rollout(self, inputs: list[dict[str, Any]], mode: str = "train") -> dict[str, Any]:
+        """Play the conversations ``inputs`` (G consecutive copies each) as MRL episodes: sample answers at the
+        rewarded turns, score them, compute advantages. Returns the per-turn tensors the loss re-plays."""
+        args = self.args
         device = self.accelerator.device
-        mode = "train" if self.model.training else "eval"
-        G = self.num_generations if mode == "train" else self.num_generations_eval
+        G = args.num_generations if mode == "train" else (args.num_generations_eval or args.num_generations)
         step = self.state.global_step
         num_steps = self.curriculum.num_steps(step)
         strategy = self.curriculum.strategy(step)
@@ -706,86 +872,78 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         if R % G:
             raise ValueError(f"the batch has {R} rows, not a multiple of num_generations={G}.")
         tok = self.processing_class
-        ids = self._ids
+        ids = self.special_ids
         pad, eos = ids["pad_token_id"], ids["eos_token_id"]
         unwrapped = self.accelerator.unwrap_model(self.model)
-        limit = getattr(unwrapped.config, "max_position_embeddings", None) or self.args.max_interaction_length
-        max_len = min(self.args.max_interaction_length, int(limit))
-        if max_len - self.max_completion_length < 4:
-            raise ValueError(f"max_completion_length={self.max_completion_length} leaves no room for a query in "
+        limit = getattr(unwrapped.config, "max_position_embeddings", None) or args.max_interaction_length
+        max_len = min(args.max_interaction_length, int(limit))
+        if max_len - args.max_completion_length < 4:
+            raise ValueError(f"max_completion_length={args.max_completion_length} leaves no room for a query in "
                              f"{max_len}-token interactions; lower it or raise max_interaction_length.")
 
-        episodes = [self._episode_rows(row, num_steps) for row in inputs]
+        episodes = [self.episode_turns(row, num_steps) for row in inputs]
         for g in range(0, R, G):  # the repeat sampler puts the G copies of a conversation next to each other
             key = [(inputs[g + i].get("conversation_id"), inputs[g + i]["query"]) for i in range(G)]
             if any(k != key[0] for k in key):
                 raise ValueError("rows of a generation group differ; MRLTrainer needs GRPO's RepeatSampler order.")
         N = max(len(e) for e in episodes)
-        scored_turns = [rewarded_turns([t["distance"] for t in e], strategy, self.args.long_range_min_distance)
+        scored_turns = [rewarded_turns([t["distance"] for t in e], strategy, args.long_range_min_distance)
                         for e in episodes]
-        # tokenised queries / reference answers
+        # tokenised queries / reference answers; prompts [BOS][Q] query [A] (the query cut as in a whole interaction)
         flat = [(r, t) for r, e in enumerate(episodes) for t in range(len(e))]
         texts = [episodes[r][t]["query"] for r, t in flat] + [episodes[r][t]["answer"] for r, t in flat]
         enc = encode_texts(tok, texts)
         q_ids = {rt: enc[i] for i, rt in enumerate(flat)}
         a_ids = {rt: enc[len(flat) + i] for i, rt in enumerate(flat)}
+        references = {rt: frame_interaction(ids, q_ids[rt], a_ids[rt], max_length=max_len, truncate=True)
+                      for rt in flat}
+        prompts_tok = {}
+        for rt in flat:
+            framed = frame_interaction(ids, q_ids[rt], [], max_length=max_len - args.max_completion_length,
+                                       truncate=True)
+            prompts_tok[rt] = framed.input_ids[: framed.prompt_length]
+        present = torch.tensor([[t < len(e) for t in range(N)] for e in episodes], dtype=torch.bool)
+        scored = torch.tensor([[t in s for t in range(N)] for s in scored_turns], dtype=torch.bool)
 
-        stm, reset = self._initial_stm(unwrapped, R // G)
+        stm, reset = self.initial_stm(unwrapped, R // G, G)
         # With reference answers in memory the G rollouts of a conversation share every STM: update it once per
         # conversation. With their own answers each rollout has its own memory.
         memory_group = torch.arange(R, device=device) if own else torch.arange(R, device=device) // G
         initial_stm = stm.clone()
-        completions: dict[tuple[int, int], list[int]] = {}
-        mem_seqs: dict[tuple[int, int], list[int]] = {}
-        ref_frames: dict[tuple[int, int], Interaction] = {}
-        prompts_tok: dict[tuple[int, int], list[int]] = {}
+        sampled = []  # the sampled tokens of each generate call (ConversationBatch returns them [EOS]-closed)
+
+        def sample(model, input_ids, attention_mask, stm_state, **kwargs):
+            sequences = model.generate(input_ids, attention_mask=attention_mask, stm_state=stm_state, **kwargs)
+            sampled.append(sequences[:, input_ids.shape[1]:].tolist())
+            return sequences
+
+        conversations = ConversationBatch(unwrapped, stm, memory_group=memory_group)
+        play = conversations.play(
+            queries=[[prompts_tok[r, t] for t in range(len(e))] for r, e in enumerate(episodes)],
+            present=present, scored=scored, memory_from="generated" if own else "input",
+            memory_ids=[[references[r, t].input_ids for t in range(len(e))] for r, e in enumerate(episodes)],
+            generate_fn=sample,
+            generate_kwargs=dict(do_sample=True, max_new_tokens=args.max_completion_length,
+                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None,
+                                 pad_token_id=pad, eos_token_id=eos),
+        )
+        completions: dict[tuple[int, int], list[int]] = {}  # the sampled answers, as scored by the loss
+        mem_seqs = {rt: references[rt].input_ids for rt in flat}  # the interactions written into memory
         states: dict[tuple[int, int], torch.Tensor] = {}  # the STM each scored answer read (for the critic)
-        gen_kwargs = dict(do_sample=True, max_new_tokens=self.max_completion_length, temperature=self.temperature,
-                          top_p=self.top_p, top_k=self.top_k or None, pad_token_id=pad,
-                          eos_token_id=eos)
-        was_training = unwrapped.training
-        for t in range(N):
-            rows = [r for r in range(R) if t in scored_turns[r]]
-            if rows:
-                prompt = []
-                for r in rows:
-                    framed = frame_interaction(ids, q_ids[r, t], [], max_length=max_len - self.max_completion_length,
-                                               truncate=True)  # the query cut as in a whole interaction
-                    prompt.append(framed.input_ids[: framed.prompt_length])  # [BOS][Q] query [A]
-                    prompts_tok[r, t] = prompt[-1]
-                    if self.critic is not None:
-                        states[r, t] = stm[r]
-                p_ids, p_mask = pad_rows(prompt, pad, side="left", device=device)
-                out = unwrapped.generate(p_ids, attention_mask=p_mask, stm_state=stm[rows], **gen_kwargs)
-                new = out[:, p_ids.shape[1]:].tolist()
-                for r, seq in zip(rows, new):
-                    if eos in seq:
-                        seq = seq[: seq.index(eos) + 1]
-                    else:
-                        seq = [s for s in seq if s != pad]
-                    completions[r, t] = seq
-            present = [r for r in range(R) if t < len(episodes[r])]
-            for r in present:
-                ref_frames[r, t] = frame_interaction(ids, q_ids[r, t], a_ids[r, t], max_length=max_len, truncate=True)
-                mem_seqs[r, t] = ref_frames[r, t].input_ids
-                if own and (r, t) in completions:
-                    answer = [s for s in completions[r, t] if s not in (eos, pad)]
-                    own_frame = frame_interaction(ids, q_ids[r, t], answer, max_length=max_len, truncate=True)
-                    mem_seqs[r, t] = own_frame.input_ids
-            if t < N - 1:
-                m_ids, m_mask = pad_rows([mem_seqs.get((r, t), []) for r in range(R)], pad, device=device)
-                new_stm = shared_memory_update(unwrapped, stm, m_ids, m_mask, memory_group)
-                keep = torch.tensor([t < len(e) for e in episodes], device=device).view(-1, *[1] * (stm.dim() - 1))
-                stm = torch.where(keep, new_stm, stm)
-        unwrapped.train(was_training)
+        for turn in play:
+            t, rows = turn.turn, turn.rows.tolist()
+            if not rows:
+                continue
+            for r, seq in zip(rows, sampled.pop()):
+                completions[r, t] = seq[: seq.index(eos) + 1] if eos in seq else [s for s in seq if s != pad]
+                if self.critic is not None:
+                    states[r, t] = turn.stm_before[r]
+            if own:
+                written = conversations.interactions([prompts_tok[r, t] for r in rows], turn.answers)
+                mem_seqs.update({(r, t): seq for r, seq in zip(rows, written)})
 
         # per-turn tensors [R, N, ...]
-        turn_present = torch.tensor([[t < len(e) for t in range(N)] for e in episodes], dtype=torch.bool)
-        scored = torch.tensor([[t in s for t in range(N)] for s in scored_turns], dtype=torch.bool)
         mem_ids, mem_mask = pad_grid(mem_seqs, (R, N), pad)  # [R, N, Tm]
-        if self.args.supervised_coef > 0:  # reference interactions with answer-only labels, for the supervised term
-            ref_ids, _ = pad_grid({k: f.input_ids for k, f in ref_frames.items()}, (R, N), pad)  # [R, N, Tr]
-            ref_labels, _ = pad_grid({k: f.labels for k, f in ref_frames.items()}, (R, N), IGNORE_INDEX)
         L = max([len(prompts_tok[k]) + len(completions[k]) for k in completions] + [2])
         seq_ids, seq_mask = pad_grid({k: prompts_tok[k] + c for k, c in completions.items()}, (R, N), pad, length=L)
         completion_mask, _ = pad_grid(  # [R, N, L]: 1 on the generated tokens
@@ -794,13 +952,13 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
 
         # rewards, in (turn, row) order so that the G rollouts of a conversation at a turn are consecutive
         order = [(r, t) for t in range(N) for r in range(R) if scored[r, t]]
-        reward_inputs, prompts, texts_out, comp_ids = [], [], [], []
+        columns, prompts, texts_out, comp_ids = [], [], [], []
         for r, t in order:
             turn = episodes[r][t]
             d = turn["distance"]
             remembered = episodes[r][t - d] if 0 < d <= t else None
             mem_tokens = (q_ids[r, t - d] + a_ids[r, t - d]) if remembered is not None else None
-            reward_inputs.append({
+            columns.append({
                 "query": turn["query"], "answer": turn["answer"], "reference_ids": a_ids[r, t],
                 "memory": (remembered["query"] + " " + remembered["answer"]) if remembered else None,
                 "memory_ids": mem_tokens, "recall_distance": d, "turn": t, "answer_keywords": turn["keywords"],
@@ -809,128 +967,128 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
             clean = [s for s in completions[r, t] if s not in (eos, pad)]
             comp_ids.append(clean)
             texts_out.append(tok.decode(clean, skip_special_tokens=True))
-        rewards_per_func = self._calculate_rewards(reward_inputs, prompts, texts_out, comp_ids)
+        self.completion_table = {}
+        rewards_per_func = self.score_rewards(columns, prompts, texts_out, comp_ids)
         weights = self.reward_weights.to(rewards_per_func.device)
         unscorable = torch.isnan(rewards_per_func).all(dim=1)
         rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
         rewards[unscorable] = torch.nan
         if self.critic is None:
-            adv_flat = group_advantages(rewards, G, self.scale_rewards)
+            adv_flat = group_advantages(rewards, G, args.scale_rewards)
         else:
             c_ids, c_mask = pad_rows([prompts_tok[k] for k in order], pad, side="left")
             c_stm = torch.stack([states[k] for k in order])
-            values = self._critic_values(c_ids.to(device), c_mask.to(device), c_stm, rewards.to(device),
-                                         fit=mode == "train")
-            adv_flat = critic_advantages(rewards, values.to(rewards.device), self.scale_rewards)
+            values = self.critic_values(c_ids.to(device), c_mask.to(device), c_stm, rewards.to(device),
+                                        fit=mode == "train")
+            adv_flat = critic_advantages(rewards, values.to(rewards.device), args.scale_rewards)
         advantages = torch.zeros((R, N), dtype=torch.float32)
         for (r, t), a in zip(order, adv_flat.tolist()):
             advantages[r, t] = a
-
-        # metrics (TRL's names for the reward statistics)
-        metrics = self._metrics[mode]
-        for i, name in enumerate(self.reward_func_names):
-            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
-            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
-        metrics["reward"].append(torch.nanmean(rewards).item())
-        metrics["reward_std"].append(nanstd(rewards).item())
-        grouped_std = nanstd(rewards.view(-1, G), dim=1)
-        metrics["frac_reward_zero_std"].append(torch.isclose(grouped_std, torch.zeros_like(grouped_std)).float()
-                                               .mean().item())
-        metrics["answer_length"].append(sum(len(c) for c in comp_ids) / max(len(comp_ids), 1))
-        metrics["curriculum/steps"].append(float(num_steps))
-        metrics["curriculum/stage"].append(float(self.curriculum.stage(step)))
-        metrics["stm_reset"].append(reset.float().mean().item())
-        for name, values in self._pending_metrics.items():
-            if values:
-                metrics[name].append(sum(values) / len(values))
-        self._pending_metrics.clear()
-        self._pending_extra_logs.clear()
-        self._logs["prompt"].extend(prompts)
-        self._logs["completion"].extend(texts_out)
-        for i, name in enumerate(self.reward_func_names):
-            self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
-        self._logs["advantages"].extend(adv_flat.tolist())
+        self.record_rollout_metrics(mode, rewards_per_func, weights, G, comp_ids, num_steps, step, reset)
+        self.completion_table.update(
+            prompt=prompts, completion=texts_out, advantages=adv_flat.tolist(),
+            rewards={name: rewards_per_func[:, i].tolist() for i, name in enumerate(self.reward_func_names)},
+        )
 
         batch = {
             "initial_stm": initial_stm,
             "mem_ids": mem_ids.to(device), "mem_mask": mem_mask.to(device),
-            "turn_present": turn_present.to(device), "scored": scored.to(device),
+            "turn_present": present.to(device), "scored": scored.to(device),
             "seq_ids": seq_ids.to(device), "seq_mask": seq_mask.to(device),
             "completion_mask": completion_mask.to(device),
             "advantages": advantages.to(device),
             "memory_group": memory_group,
         }
-        if self.args.supervised_coef > 0:
-            batch["ref_ids"], batch["ref_labels"] = ref_ids.to(device), ref_labels.to(device)
-        if self.num_iterations > 1:
-            batch["old_per_token_logps"] = self._episode_logps(unwrapped, batch)[0].detach()
-        if self._kl_model is not None and self.args.kl_coef > 0:
-            batch["ref_per_token_logps"] = self._episode_logps(self._kl_model, batch)[0].detach()
-            if self.args.kl_reference == "previous" and mode == "train":
-                self._kl_model.load_state_dict(unwrapped.state_dict())
+        if args.supervised_coef > 0:  # reference interactions with answer-only labels, for the supervised term
+            batch["ref_ids"], _ = pad_grid({k: f.input_ids for k, f in references.items()}, (R, N), pad, device=device)
+            batch["ref_labels"], _ = pad_grid({k: f.labels for k, f in references.items()}, (R, N), IGNORE_INDEX,
+                                              device=device)
+        if args.num_iterations > 1:
+            batch["old_per_token_logps"] = self.replay(unwrapped, batch)[0].detach()
+        if self.kl_model is not None and args.kl_coef > 0:
+            batch["ref_per_token_logps"] = self.replay(self.kl_model, batch)[0].detach()
+            if args.kl_reference == "previous" and mode == "train":
+                self.kl_model.load_state_dict(unwrapped.state_dict())
         return batch
 
-    def _episode_logps(self, model, inputs: dict[str, torch.Tensor], forward_model=None, supervised: bool = False):
+    def record_rollout_metrics(self, mode, rewards_per_func, weights, generations, completion_ids, num_steps, step,
+                               reset) -> None:
+        """TRL's reward statistics (over every process's answers) and the curriculum's state."""
+        if self.accelerator.num_processes > 1:  # the processes may score different numbers of answers
+            rewards_per_func = torch.tensor(gather_object(rewards_per_func.tolist()), dtype=torch.float32)
+            completion_ids = gather_object(completion_ids)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        rewards = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        metrics = self.step_metrics[mode]
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
+        metrics["reward"].append(torch.nanmean(rewards).item())
+        metrics["reward_std"].append(nanstd(rewards).item())
+        grouped_std = nanstd(rewards.view(-1, generations), dim=1)
+        metrics["frac_reward_zero_std"].append(torch.isclose(grouped_std, torch.zeros_like(grouped_std)).float()
+                                               .mean().item())
+        metrics["answer_length"].append(sum(len(c) for c in completion_ids) / max(len(completion_ids), 1))
+        metrics["curriculum/steps"].append(float(num_steps))
+        metrics["curriculum/stage"].append(float(self.curriculum.stage(step)))
+        metrics["stm_reset"].append(reset.float().mean().item())
+        for name, values in self.reward_metrics.items():
+            if values:
+                metrics[name].append(sum(values) / len(values))
+        self.reward_metrics.clear()
+
+    def replay(self, model, inputs: dict[str, torch.Tensor], forward_model=None, supervised: bool = False):
         """Re-play the episodes: ``(per_token_logps [R, N, L], entropies [R, N, L], stm_mse, supervised_loss)``.
 
         ``per_token_logps[r, t, j]`` is ``log p(seq[j] | seq[<j], STM_t)`` (position 0 is 0); ``STM_t`` is built
         from the initial STM and the stored interactions of turns ``< t`` with the model's own encoder and memory
-        attention, with gradients when grad mode is on. ``stm_mse`` is the mean over memory updates of the mean
-        squared STM difference. ``forward_model`` (default ``model``) runs the decoder (the prepared wrapper).
-        With ``supervised`` (and ``ref_ids`` / ``ref_labels`` in ``inputs``), ``supervised_loss`` is the token-mean
-        cross-entropy of the reference answers of the turns ``supervised_turns`` names, one row per memory group;
-        otherwise None.
+        attention (``ConversationBatch.play``), with gradients when grad mode is on. ``stm_mse`` is the mean over
+        memory updates of the mean squared STM difference of the rows written. ``forward_model`` (default
+        ``model``) runs the decoder (the prepared wrapper). With ``supervised`` (and ``ref_ids`` / ``ref_labels``
+        in ``inputs``), ``supervised_loss`` is the token-mean cross-entropy of the reference answers of the turns
+        ``supervised_turns`` names, one row per memory group; otherwise None.
         """
-        forward_model = forward_model or model
-        stm = inputs["initial_stm"]
-        seq_ids, seq_mask = inputs["seq_ids"], inputs["seq_mask"]
-        scored, present = inputs["scored"], inputs["turn_present"]
+        seq_ids, scored, present = inputs["seq_ids"], inputs["scored"], inputs["turn_present"]
         R, N, L = seq_ids.shape
         logps = seq_ids.new_zeros((R, N, L), dtype=torch.float32)
         entropies = seq_ids.new_zeros((R, N, L), dtype=torch.float32)
-        logp_rows, ent_rows, index = [], [], []
-        mse_terms = []
-        last = int(scored.any(0).nonzero().max()) if scored.any() else -1
+        group = inputs.get("memory_group")
         supervised = supervised and "ref_ids" in inputs
+        taught = torch.zeros_like(scored)
         if supervised:
             # [R, N]: the (row, turn) pairs taught, one teacher-forced row per memory group
             taught = scored if self.args.supervised_turns == "rewarded" else present
-            group = inputs.get("memory_group")
             if group is not None:
-                leaders = torch.zeros(R, dtype=torch.bool, device=seq_ids.device)
-                leaders[_group_leaders(group)[0].to(seq_ids.device)] = True
-                taught = taught & leaders[:, None]
-            if taught.any():
-                last = max(last, int(taught.any(0).nonzero().max()))
-            nll_sum, nll_tokens = logps.new_zeros(()), 0
-        for t in range(last + 1):
-            rows = scored[:, t].nonzero().squeeze(1)
+                taught = taught & _first_of_groups(group)[:, None]
+        read = (scored | taught).any(0)  # [N] turns the decoder reads
+        last = int(read.nonzero().max()) if read.any() else -1
+        # memory is written up to the last turn read; a row writes turn t when it has a later turn <= last
+        within = present & (torch.arange(N, device=present.device) <= last)
+        conversations = ConversationBatch(model, inputs["initial_stm"], memory_group=group,
+                                          forward_model=forward_model or model)
+        logp_rows, ent_rows, index, mse_terms = [], [], [], []
+        nll_sum, nll_tokens = logps.new_zeros(()), 0
+        for turn in conversations.play(seq_ids, inputs["seq_mask"], within.cpu(), scored=scored.cpu(),
+                                       memory_ids=inputs["mem_ids"], memory_mask=inputs["mem_mask"],
+                                       return_logps=True, return_entropy=True, temperature=self.args.temperature):
+            t, rows = turn.turn, turn.rows
             if rows.numel():
-                out = forward_model(input_ids=seq_ids[rows, t], attention_mask=seq_mask[rows, t], stm_state=stm[rows])
-                logits = out.logits[:, :-1].float() / self.temperature
-                logp_all = logits.log_softmax(-1)
-                lp = logp_all.gather(-1, seq_ids[rows, t, 1:].unsqueeze(-1)).squeeze(-1)  # [n, L-1]
-                ent = -(logp_all.exp() * logp_all).sum(-1)
-                logp_rows.append(F.pad(lp, (1, 0)))
-                ent_rows.append(F.pad(ent, (1, 0)))
+                logp_rows.append(F.pad(turn.token_logps, (1, 0)))
+                ent_rows.append(F.pad(turn.entropies, (1, 0)))
                 index.append((rows, t))
-            if supervised:
-                rows = taught[:, t].nonzero().squeeze(1)
-                if rows.numel():
-                    ref, labels = inputs["ref_ids"][rows, t], inputs["ref_labels"][rows, t]  # [n, T]
-                    ref_mask = (ref != self._ids["pad_token_id"]).long()
-                    out = forward_model(input_ids=ref, attention_mask=ref_mask, stm_state=stm[rows])
-                    targets = labels[:, 1:]
-                    nll_sum = nll_sum + F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                                        ignore_index=IGNORE_INDEX, reduction="sum")
-                    nll_tokens += int((targets != IGNORE_INDEX).sum())
-            if t < last:
-                keep = present[:, t]
-                new = shared_memory_update(model, stm, inputs["mem_ids"][:, t], inputs["mem_mask"][:, t],
-                                           inputs.get("memory_group"))
-                if keep.any():
-                    mse_terms.append(((new - stm) ** 2)[keep].mean())
-                stm = torch.where(keep.view(-1, *[1] * (stm.dim() - 1)), new, stm)
+            taught_rows = taught[:, t].nonzero().squeeze(1)
+            if taught_rows.numel():
+                ref, labels = inputs["ref_ids"][taught_rows, t], inputs["ref_labels"][taught_rows, t]  # [n, T]
+                out = conversations.read(ref, (ref != self.special_ids["pad_token_id"]).long(),
+                                         stm_state=turn.stm_before[taught_rows], return_logits=True)
+                targets = labels[:, 1:]
+                nll_sum = nll_sum + F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                                    ignore_index=IGNORE_INDEX, reduction="sum")
+                nll_tokens += int((targets != IGNORE_INDEX).sum())
+            if turn.written is not None and turn.written.numel():
+                written = turn.written
+                mse_terms.append(((turn.stm_after[written] - turn.stm_before[written]) ** 2).mean())
         for (rows, t), lp, ent in zip(index, logp_rows, ent_rows):
             logps = logps.index_put((rows, torch.full_like(rows, t)), lp)
             entropies = entropies.index_put((rows, torch.full_like(rows, t)), ent.detach())
@@ -938,12 +1096,15 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         supervised_loss = nll_sum / max(nll_tokens, 1) if supervised else None
         return logps, entropies, stm_mse, supervised_loss
 
-    def _compute_loss(self, model, inputs):
-        """Override of GRPOTrainer 1.16.0's private method: the IMPO loss on re-played episodes."""
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The IMPO loss of a rollout micro-batch (see :func:`impo_loss`), re-played with gradients."""
+        if return_outputs:
+            raise ValueError("MRLTrainer.compute_loss has no model outputs to return (return_outputs=False).")
         unwrapped = self.accelerator.unwrap_model(model)
-        supervised = self.args.supervised_coef > 0
-        logps, entropies, stm_mse, supervised_loss = self._episode_logps(unwrapped, inputs, forward_model=model,
-                                                                         supervised=supervised)
+        args = self.args
+        supervised = args.supervised_coef > 0
+        logps, entropies, stm_mse, supervised_loss = self.replay(unwrapped, inputs, forward_model=model,
+                                                                 supervised=supervised)
         scored = inputs["scored"]
         pick = scored.nonzero(as_tuple=True)  # (rows, turns) of the sampled answers
         lp = logps[pick]  # [M, L]
@@ -954,14 +1115,13 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         ref = None if ref is None else ref[pick]
         loss, stats = impo_loss(
             lp, old, inputs["advantages"][pick], mask,
-            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
-            ref_per_token_logps=ref, kl_coef=self.args.kl_coef,
-            stm_mse=stm_mse, memory_reg_coef=self.args.memory_reg_coef, loss_type=self.loss_type,
+            epsilon_low=args.epsilon, epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+            ref_per_token_logps=ref, kl_coef=args.kl_coef,
+            stm_mse=stm_mse, memory_reg_coef=args.memory_reg_coef, loss_type=args.loss_type,
         )
         if supervised_loss is not None:
-            loss = loss + self.args.supervised_coef * supervised_loss
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
+            loss = loss + args.supervised_coef * supervised_loss
+        metrics = self.step_metrics["train" if self.model.training else "eval"]
         if supervised_loss is not None:
             metrics["supervised_loss"].append(supervised_loss.item())
         for key in ("policy_loss", "kl", "clip_fraction", "memory_loss"):
@@ -969,6 +1129,4 @@ class MRLTrainer(RxTStageMixin, GRPOTrainer):
         metrics["stm_change"].append(float(stm_mse.detach()))
         ent_mask = mask.float()
         metrics["entropy"].append(((entropies[pick] * ent_mask).sum() / ent_mask.sum().clamp(min=1)).item())
-        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        normalizer = accumulation if mode == "train" else 1.0
-        return loss / normalizer
+        return loss
