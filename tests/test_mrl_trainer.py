@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
+from rxt_hf.modeling_rxt.format_rxt import encode_texts, frame_interaction, special_token_ids
 from rxt_hf.modeling_rxt.tokenization_rxt import build_tokenizer
 from rxt_hf.trainers import mrl_trainer
+from rxt_hf.trainers.mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from rxt_hf.trainers.mrl_trainer import (
     MRLConfig,
     MRLCurriculum,
@@ -25,8 +27,6 @@ from rxt_hf.trainers.mrl_trainer import (
     impo_loss,
     rewarded_turns,
 )
-from rxt_hf.modeling_rxt.format_rxt import encode_texts, frame_interaction, special_token_ids
-from rxt_hf.trainers.mrl_critic import MemoryAwareCritic, critic_advantages, explained_variance
 from rxt_hf.trainers.synthetic_data import build_synthetic_dataset
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from trl.trainer.utils import nanstd
 
-from .trl_stage import is_peft_model
+from .trainer_base import is_peft_model
 
 __all__ = ["MemoryAwareCritic", "critic_advantages", "explained_variance"]
 

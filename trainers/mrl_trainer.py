@@ -9,14 +9,16 @@ per prompt; subclassing would mean overriding those private methods again. So MR
 
 - from ``transformers``: ``Trainer`` and its public hooks (``get_train_dataloader``, ``get_eval_dataloader``,
   ``training_step``, ``compute_loss``, ``prediction_step``, ``log``, ``train``, the ``loss_is_scaled_for_ga``
-  attribute, callbacks), ``seed_worker``, ``PREFIX_CHECKPOINT_DIR``, ``get_last_checkpoint``; the
-  Trainer loop itself (optimizer / scheduler, gradient accumulation and clipping, ``checkpoint-N`` saving and
+  attribute, callbacks), ``seed_worker``, ``PREFIX_CHECKPOINT_DIR``, ``get_last_checkpoint``,
+  ``is_rich_available``; from ``accelerate``: ``set_seed``, ``gather_object``; the Trainer loop itself (optimizer / scheduler, gradient accumulation and clipping, ``checkpoint-N`` saving and
   ``train(resume_from_checkpoint=...)``, trackers) is unchanged;
 - from TRL (``trl.trainer.utils``): ``RepeatSampler`` (every conversation repeated ``num_generations`` times,
   ``steps_per_generation`` x ``num_iterations`` times in a row: GRPO's data order), ``shuffle_sequence_dict`` and
   ``split_tensor_dict`` (GRPO's generation buffer: one rollout per ``steps_per_generation * num_iterations``
   micro-steps, shuffled and split into ``steps_per_generation`` micro-batches), ``nanstd``, ``get_callable_name``,
   ``identity`` (the collator), ``print_prompt_completions_sample`` (``log_completions``);
+  (TRL's ``selective_log_softmax`` / ``entropy_from_logits`` are not needed: ``ConversationBatch`` returns the
+  per-token log-probs and entropies, in float32 and chunked);
 - reward functions in TRL's signature ``fn(prompts, completions, completion_ids=..., **columns, trainer_state,
   log_extra, log_metric)`` (``None`` -> NaN, weighted by ``reward_weights``), and TRL's metric names.
 
@@ -132,7 +134,7 @@ from .rewards import REWARDS_BY_NAME
 from .smat_trainer import SMAT_COMPONENTS, component_parameters, resolve_schedule_step
 from .trainer_base import RxTStageMixin, is_peft_model
 
-__all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo_loss", "rewarded_turns"]
+__all__ = ["MRLConfig", "MRLTrainer", "MRLCurriculum", "group_advantages", "impo_loss", "rewarded_turns", "weighted_rewards"]
 
 STRATEGIES = ("cumulative", "long-range")
 KL_REFERENCES = ("previous", "initial")
@@ -480,6 +482,15 @@ def impo_loss(
 # trainer
 
 
+def weighted_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[M]`` reward of each completion: the ``weights`` ``[F]``-weighted sum of ``rewards_per_func`` ``[M, F]``
+    over the functions that scored it (NaN = no value); NaN when none did."""
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    rewards = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+    rewards[unscorable] = torch.nan
+    return rewards
+
+
 def _first_of_groups(memory_group: torch.Tensor) -> torch.Tensor:
     """``[R]`` bool: the first row of every memory group (ids in any order, as after the buffer's shuffling)."""
     _, inverse = torch.unique(memory_group, return_inverse=True)
@@ -799,7 +810,8 @@ class MRLTrainer(RxTStageMixin, Trainer):
         if self.args.log_completions and table and self.accelerator.is_main_process and is_rich_available():
             print_prompt_completions_sample(table["prompt"], table["completion"], table["rewards"],
                                             table["advantages"], self.state.global_step,
-                                            self.args.num_completions_to_print)
+                                            self.args.num_completions_to_print, extra=dict(table.get("extra", {})))
+            self.completion_table = {}  # printed once
 
     # --- reward functions ------------------------------------------------------------------------------
 
@@ -968,11 +980,8 @@ class MRLTrainer(RxTStageMixin, Trainer):
             comp_ids.append(clean)
             texts_out.append(tok.decode(clean, skip_special_tokens=True))
         self.completion_table = {}
-        rewards_per_func = self.score_rewards(columns, prompts, texts_out, comp_ids)
-        weights = self.reward_weights.to(rewards_per_func.device)
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-        rewards[unscorable] = torch.nan
+        rewards_per_func = self.score_rewards(columns, prompts, texts_out, comp_ids)  # [M, F]
+        rewards = weighted_rewards(rewards_per_func, self.reward_weights)  # [M]
         if self.critic is None:
             adv_flat = group_advantages(rewards, G, args.scale_rewards)
         else:
@@ -984,7 +993,7 @@ class MRLTrainer(RxTStageMixin, Trainer):
         advantages = torch.zeros((R, N), dtype=torch.float32)
         for (r, t), a in zip(order, adv_flat.tolist()):
             advantages[r, t] = a
-        self.record_rollout_metrics(mode, rewards_per_func, weights, G, comp_ids, num_steps, step, reset)
+        self.record_rollout_metrics(mode, rewards_per_func, G, comp_ids, num_steps, step, reset)
         self.completion_table.update(
             prompt=prompts, completion=texts_out, advantages=adv_flat.tolist(),
             rewards={name: rewards_per_func[:, i].tolist() for i, name in enumerate(self.reward_func_names)},
@@ -1011,15 +1020,13 @@ class MRLTrainer(RxTStageMixin, Trainer):
                 self.kl_model.load_state_dict(unwrapped.state_dict())
         return batch
 
-    def record_rollout_metrics(self, mode, rewards_per_func, weights, generations, completion_ids, num_steps, step,
+    def record_rollout_metrics(self, mode, rewards_per_func, generations, completion_ids, num_steps, step,
                                reset) -> None:
         """TRL's reward statistics (over every process's answers) and the curriculum's state."""
         if self.accelerator.num_processes > 1:  # the processes may score different numbers of answers
             rewards_per_func = torch.tensor(gather_object(rewards_per_func.tolist()), dtype=torch.float32)
             completion_ids = gather_object(completion_ids)
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        rewards = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
-        rewards[unscorable] = torch.nan
+        rewards = weighted_rewards(rewards_per_func, self.reward_weights)
         metrics = self.step_metrics[mode]
         for i, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
