@@ -432,9 +432,11 @@ def test_lora_run_trains_only_adapters(tmp_path, mrl_data, mrl_tokenizer):
 
     model = _model(mrl_tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = MRLTrainer(model, args=_args(tmp_path, max_steps=2, kl_coef=0.0, learning_rate=1e-2),
+    trainer = MRLTrainer(model, args=_args(tmp_path, max_steps=3, kl_coef=0.05, learning_rate=1e-2),
                          train_dataset=mrl_data, processing_class=mrl_tokenizer, peft_config=decoder_lora_config(r=4))
     _quiet_train(trainer)
+    kls = [rec["kl"] for rec in trainer.state.log_history if "loss" in rec]
+    assert kls[0] == 0.0 and kls[-1] > 0  # the "previous" snapshot (a copy with adapters) follows the policy
     trained = trainer.accelerator.unwrap_model(trainer.model)
     named = dict(trained.named_parameters())
     assert all(("lora_" in n) == p.requires_grad for n, p in named.items())

@@ -609,12 +609,6 @@ class MRLTrainer(RxTStageMixin, Trainer):
             # Every parameter trainable while the optimizer is built; the schedule freezes per step.
             for param in model.parameters():
                 param.requires_grad_(True)
-        # The KL reference: a frozen copy of the starting policy.
-        self.kl_model = None
-        if args.kl_coef > 0:
-            self.kl_model = copy.deepcopy(model).eval()
-            for param in self.kl_model.parameters():
-                param.requires_grad_(False)
         self.curriculum = MRLCurriculum(args)
         self.special_ids = special_token_ids(processing_class)
         # The optional memory-aware critic: its own copy of embedding + decoder, its own optimizer.
@@ -630,6 +624,13 @@ class MRLTrainer(RxTStageMixin, Trainer):
                 raise ValueError("peft_config was given with a PeftModel; merge its adapters first "
                                  "(model.merge_and_unload()) or pass the PeftModel without peft_config.")
             model = get_peft_model(model, peft_config)
+        # The KL reference: a frozen copy of the starting policy (with its adapters, so "previous" can load the
+        # policy's state dict).
+        self.kl_model = None
+        if args.kl_coef > 0:
+            self.kl_model = copy.deepcopy(model).eval()
+            for param in self.kl_model.parameters():
+                param.requires_grad_(False)
         self.reward_funcs = reward_funcs
         self.reward_func_names = [get_callable_name(func) for func in reward_funcs]
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)
