@@ -141,7 +141,7 @@ class RxTStageMixin:
     ``summary()`` (the hyper-parameters recorded in the history). Hooks: :meth:`stage_config`,
     :meth:`data_description`, :meth:`save_extra_modules` (training-only modules saved beside the model),
     :attr:`rxt_model` (the model to save) and ``rxt_state_dict_prefix`` (its key prefix in the trained module).
-    Tokens seen: the TRL stages' ``_total_train_tokens``, else transformers' ``state.num_input_tokens_seen``.
+    Tokens seen: transformers' ``state.num_input_tokens_seen``.
     """
 
     stage_name = "stage"
@@ -171,7 +171,7 @@ class RxTStageMixin:
         """This stage's entry in ``rxt_training_history.json`` (the model card's curriculum table)."""
         runtime = next((r["train_runtime"] for r in reversed(self.state.log_history) if "train_runtime" in r), None)
         loss = next((r["loss"] for r in reversed(self.state.log_history) if "loss" in r), None)
-        tokens = getattr(self, "_total_train_tokens", None) or self.state.num_input_tokens_seen or None
+        tokens = self.state.num_input_tokens_seen or None
         args = self.args
         return {
             "stage": self.stage_name,
