@@ -58,9 +58,12 @@ CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields
 class RxTModelOutput(MoeModelOutputWithPast):
     """Decoder output of [`RxTModel`] (transformers' `MoeModelOutputWithPast`): last hidden state, self-attention +
     memory cache, hidden states, every MoE layer's `router_logits` (with `output_router_logits`) and, unlike
-    Mixtral's base model, the load-balancing `aux_loss` (trainers read it from the backbone's `decode`)."""
+    Mixtral's base model, the load-balancing `aux_loss` (trainers read it from the backbone's `decode`). With
+    `output_attentions`, `attentions` holds every layer's self-attention weights [B, Hq, T, past + T] and
+    `cross_attentions` its memory cross-attention weights [B, Hq, T, S] (as encoder-decoder models name them)."""
 
     aux_loss: torch.FloatTensor | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
     @property
     def router_aux_loss(self) -> torch.FloatTensor | None:
@@ -71,7 +74,9 @@ class RxTModelOutput(MoeModelOutputWithPast):
 @dataclass
 class RxTCausalLMOutput(MoeCausalLMOutputWithPast):
     """Output of [`RxTForCausalLM`] (transformers' `MoeCausalLMOutputWithPast`). `loss` is the token cross-entropy
-    plus `router_aux_loss_coef * aux_loss`."""
+    plus `router_aux_loss_coef * aux_loss`; `attentions` / `cross_attentions` as in [`RxTModelOutput`]."""
+
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
     @property
     def router_aux_loss(self) -> torch.FloatTensor | None:
@@ -330,7 +335,8 @@ class RxTAttention(nn.Module):
         rotary: RotaryTables | None = None,  # positions of the queries (self-attention, memory cross-attention)
         key_rotary: RotaryTables | None = None,  # positions of a cross source with rotated keys (memory attention)
         past_key_values: Cache | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Output [B, Tq, D] and the attention weights [B, Hq, Tq, Tk] (eager attention only, else None)."""
         batch, length, _ = hidden_states.shape
         query = self.split_heads(self.q_proj(hidden_states))  # [B, Hq, Tq, hd]
         if self.qk_norm:
@@ -357,7 +363,7 @@ class RxTAttention(nn.Module):
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        output, _ = attention(
+        output, weights = attention(
             self,
             query,
             key,
@@ -367,7 +373,7 @@ class RxTAttention(nn.Module):
             scaling=self.scaling,
             is_causal=self.is_causal,
         )
-        return self.o_proj(output.reshape(batch, length, -1))
+        return self.o_proj(output.reshape(batch, length, -1)), weights
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -735,10 +741,11 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         memory_mask: torch.Tensor | None = None,  # [B, 1, T, S]
         rotary: RotaryTables | None = None,
         past_key_values: Cache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new hidden states and the MoE router logits [B * T, E] (None for a dense feed-forward)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Returns the new hidden states, the MoE router logits [B * T, E] (None for a dense feed-forward) and the
+        self-attention [B, Hq, T, Tk] and memory cross-attention [B, Hq, T, S] weights (eager attention, else None)."""
         residual = hidden_states
-        hidden_states = self.self_attn(
+        hidden_states, self_weights = self.self_attn(
             self.self_attn_norm(hidden_states),
             attention_mask=attention_mask,
             rotary=rotary,
@@ -750,7 +757,7 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         cached = isinstance(past_key_values, EncoderDecoderCache) and past_key_values.is_updated.get(
             self.memory_cross_attn.layer_idx
         )
-        hidden_states = self.memory_cross_attn(
+        hidden_states, cross_weights = self.memory_cross_attn(
             self.cross_attn_norm(hidden_states),
             key_value_states=None if cached else self.memory_norm(memory),
             attention_mask=memory_mask,
@@ -764,7 +771,7 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
             hidden_states, router_logits = self.feed_forward(self.ff_norm(hidden_states))
         else:
             hidden_states, router_logits = self.feed_forward(self.ff_norm(hidden_states)), None
-        return residual + hidden_states, router_logits
+        return residual + hidden_states, router_logits, self_weights, cross_weights
 
 
 class RxTEncoderLayer(GradientCheckpointingLayer):
@@ -782,7 +789,7 @@ class RxTEncoderLayer(GradientCheckpointingLayer):
     def forward(self, hidden_states, attention_mask=None, rotary=None):
         hidden_states = hidden_states + self.self_attn(
             self.self_attn_norm(hidden_states), attention_mask=attention_mask, rotary=rotary
-        )
+        )[0]
         return hidden_states + self.feed_forward(self.ff_norm(hidden_states))
 
 
@@ -829,7 +836,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
         if self.variant == "self-interlayer":
             query = self.pre_query_norm(stm_layer)
             source = self.source_gate(query, self.pre_key_value_norm(stm_mean))
-            update = self.pre_attention(query, key_value_states=source)
+            update, _ = self.pre_attention(query, key_value_states=source)
             state = self.pre_gate(stm_layer, update)
         elif self.variant != "simple":
             if self.variant == "self":
@@ -838,11 +845,11 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
                 source = stm_mean
             else:
                 source = self.source_gate(stm_layer, stm_mean)
-            update = self.pre_attention(
+            update, _ = self.pre_attention(
                 self.pre_query_norm(stm_layer), key_value_states=self.pre_key_value_norm(source)
             )
             state = self.pre_gate(stm_layer, update)
-        update = self.attention(
+        update, _ = self.attention(
             self.memory_norm(state),
             key_value_states=self.encoded_norm(encoded),
             attention_mask=encoded_mask,
@@ -874,9 +881,12 @@ class RxTDecoder(nn.Module):
         past_key_values: Cache | None = None,
         output_hidden_states: bool = False,
         output_router_logits: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        output_attentions: bool = False,
+    ) -> tuple:
         """Final hidden states [B, T, D], every layer's input and the output (with `output_hidden_states`) and every
-        MoE layer's router logits [B * T, E] (with `output_router_logits`; None for a dense decoder)."""
+        MoE layer's router logits [B * T, E] (with `output_router_logits`; None for a dense decoder); with
+        `output_attentions` also every layer's self-attention [B, Hq, T, past + T] and memory cross-attention
+        [B, Hq, T, S] weights (a 5-tuple; 3 values otherwise, as callers such as the MRL critic unpack)."""
         batch, length, _ = inputs_embeds.shape
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
@@ -896,8 +906,10 @@ class RxTDecoder(nn.Module):
 
         hidden_states, router_logits = inputs_embeds, ()
         all_hidden = (hidden_states,) if output_hidden_states else None
+        self_attentions = () if output_attentions else None
+        cross_attentions = () if output_attentions else None
         for idx, layer in enumerate(self.layers):
-            hidden_states, layer_router_logits = layer(
+            hidden_states, layer_router_logits, self_weights, cross_weights = layer(
                 hidden_states,
                 memory[:, idx],
                 attention_mask=self_mask,
@@ -909,7 +921,12 @@ class RxTDecoder(nn.Module):
                 router_logits += (layer_router_logits,)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
+            if output_attentions:
+                self_attentions += (self_weights,)
+                cross_attentions += (cross_weights,)
         router_logits = router_logits if output_router_logits and router_logits else None
+        if output_attentions:
+            return self.norm(hidden_states), all_hidden, router_logits, self_attentions, cross_attentions
         return self.norm(hidden_states), all_hidden, router_logits
 
 
@@ -1174,6 +1191,17 @@ class RxTModel(RxTPreTrainedModel):
 
     # --- decoding -----------------------------------------------------------------------------------
 
+    def follow_memory(self, cache: EncoderDecoderCache, stm_state: torch.Tensor | None) -> None:
+        """Keep the cached memory keys/values those of `stm_state`: a cache filled from another STM tensor (an
+        identity check, no device sync) drops them, so this step re-projects the new memory. No `stm_state` keeps the
+        cached memory (a fresh one otherwise)."""
+        if stm_state is None or getattr(cache, "rxt_stm_state", None) is stm_state:
+            return
+        if cache.is_updated:
+            cache.cross_attention_cache = DynamicCache(config=self.config)
+            cache.is_updated = {}
+        cache.rxt_stm_state = stm_state
+
     def decode(
         self,
         memory: torch.Tensor,  # [B, L, S, D] any slot count (training reads encoder states as memory)
@@ -1186,6 +1214,7 @@ class RxTModel(RxTPreTrainedModel):
         output_hidden_states: bool = False,
         output_router_aux_loss: bool | None = None,
         output_router_logits: bool | None = None,
+        output_attentions: bool = False,
     ) -> RxTModelOutput:
         """Run the decoder reading `memory` (no shape check on the slots: stages 1-2 pass encoder states).
 
@@ -1201,7 +1230,13 @@ class RxTModel(RxTPreTrainedModel):
             output_router_logits = self.config.output_router_logits
         if output_router_aux_loss is None:
             output_router_aux_loss = self.training
-        hidden, all_hidden, router_logits = self.decoder(
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions=True needs eager attention: attn_implementation="
+                f"'{self.config._attn_implementation}' does not return attention weights. Load the model with "
+                "attn_implementation='eager' or call model.set_attn_implementation('eager')."
+            )
+        hidden, all_hidden, router_logits, *attentions = self.decoder(
             inputs_embeds,
             memory,
             attention_mask=attention_mask,
@@ -1210,6 +1245,7 @@ class RxTModel(RxTPreTrainedModel):
             past_key_values=past_key_values,
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits or output_router_aux_loss,
+            output_attentions=output_attentions,
         )
         aux_loss = None
         if output_router_logits or output_router_aux_loss:
@@ -1225,6 +1261,8 @@ class RxTModel(RxTPreTrainedModel):
         return RxTModelOutput(
             last_hidden_state=hidden,
             hidden_states=all_hidden,
+            attentions=attentions[0] if attentions else None,
+            cross_attentions=attentions[1] if attentions else None,
             router_logits=router_logits if output_router_logits else None,
             aux_loss=aux_loss,
             **{CACHE_FIELD: past_key_values},
@@ -1241,6 +1279,7 @@ class RxTModel(RxTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
         output_router_aux_loss: bool | None = None,
         cache: Cache | None = None,
@@ -1248,7 +1287,11 @@ class RxTModel(RxTPreTrainedModel):
     ) -> RxTModelOutput:
         r"""
         stm_state (`torch.Tensor` of shape `[batch, layers, slots, dim]`, *optional*):
-            The conversation's Short-Term Memory; absent means a fresh memory (`init_memory`).
+            The conversation's Short-Term Memory; absent means a fresh memory (`init_memory`). Continuing a cache
+            with another `stm_state` tensor than the one it was filled with re-projects the memory keys/values.
+        output_attentions (`bool`, *optional*):
+            Return the self-attention (`attentions`) and memory cross-attention (`cross_attentions`) weights of every
+            layer; needs `attn_implementation="eager"`. Defaults to `config.output_attentions`.
         output_router_logits (`bool`, *optional*):
             Return every MoE layer's router logits and the load-balancing loss (`aux_loss`); defaults to
             `config.output_router_logits`.
@@ -1265,6 +1308,8 @@ class RxTModel(RxTPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("Pass input_ids or inputs_embeds.")
@@ -1275,6 +1320,7 @@ class RxTModel(RxTPreTrainedModel):
                 f"The interaction has {past_length + reference.shape[1]} tokens, more than max_position_embeddings="
                 f"{self.config.max_position_embeddings}; shorten the query or lower max_new_tokens."
             )
+        given_stm_state = stm_state
         stm_state = self.init_memory(batch) if stm_state is None else self.check_stm_state(stm_state, batch)
 
         if use_cache:
@@ -1282,6 +1328,7 @@ class RxTModel(RxTPreTrainedModel):
                 past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
             elif not isinstance(past_key_values, EncoderDecoderCache):
                 past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
+            self.follow_memory(past_key_values, given_stm_state)
         else:
             past_key_values = None
 
@@ -1293,6 +1340,7 @@ class RxTModel(RxTPreTrainedModel):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             output_router_aux_loss=output_router_aux_loss,
             output_router_logits=output_router_logits,
         )
@@ -1342,6 +1390,19 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     >>> answer = model.generate(query, stm_state=stm, max_new_tokens=8, do_sample=False)
     >>> stm = model.update_memory(stm, answer)  # the whole interaction goes into memory
     ```
+
+    Gradients: `forward` runs only the decoder (embedding, self-attention, memory cross-attention, feed-forward,
+    head). The encoder and the memory-attention network get their gradients through `update_memory` (the memory
+    an interaction writes is read by the next turn's `forward`), so transformers' gradient-checkpointing common tests
+    that expect every parameter to get a gradient from one `forward` do not apply, and DDP runs with
+    `ddp_find_unused_parameters=True` (the default of `RxTTrainingArguments`).
+
+    Outputs and generation: `output_attentions` (eager attention only; sdpa is refused with the fix) returns the
+    self-attention weights as `attentions` and the memory cross-attention weights as `cross_attentions`;
+    `generate(return_dict_in_generate=True, output_attentions=True)` collects `attentions` per step (transformers
+    collects `cross_attentions` for encoder-decoder models only). Greedy, sampling, beam search, beam sampling,
+    assisted and prompt-lookup decoding and `cache_implementation="static"` read `stm_state` and match the no-cache
+    reference (tests/test_hf_contract.py).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -1403,6 +1464,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
         output_router_aux_loss: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -1434,6 +1496,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             output_router_logits=output_router_logits,
             output_router_aux_loss=output_router_aux_loss,
             return_dict=True,
@@ -1455,6 +1518,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             aux_loss=outputs.aux_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
             router_logits=outputs.router_logits,
             **{CACHE_FIELD: output_cache(outputs)},
         )

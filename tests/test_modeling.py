@@ -166,7 +166,7 @@ def test_memory_rope_false_makes_memory_reads_position_free():
         hidden = torch.randn(1, 1, model.config.hidden_size).expand(1, 5, -1)  # one state at positions 0..4
         rotary = model.model.decoder.rotary_emb(torch.arange(5)[None])
         with torch.no_grad():
-            out = cross(hidden, key_value_states=stm[:, 0], rotary=rotary)
+            out, _ = cross(hidden, key_value_states=stm[:, 0], rotary=rotary)
         assert torch.allclose(out[:, 0], out[:, 4], atol=1e-5) == position_free
 
 
