@@ -282,3 +282,29 @@ def test_no_split_modules_name_real_layer_classes():
     model = tiny_model()
     classes = {type(module).__name__ for module in model.modules()}
     assert set(RxTForCausalLM._no_split_modules) <= classes
+
+
+def test_compile_and_attention_backend_flags_stay_off():
+    # a static-cache generate would compile the decode step with `_can_compile_fullgraph`; the memory cross-attention
+    # cache (an EncoderDecoderCache built inside forward) is not compile-safe yet, and packed sequences through
+    # `position_ids` (`_supports_attention_backend`) are not handled by the memory masks
+    assert RxTForCausalLM._can_compile_fullgraph is False
+    assert RxTForCausalLM._supports_attention_backend is False
+
+
+# --- modes transformers itself refuses here ---------------------------------------------------------------
+
+
+def test_contrastive_search_is_not_in_library():
+    model = tiny_model()
+    ids, stm = inputs(model, batch=1)
+    with pytest.raises(ValueError, match="Contrastive Search requires `trust_remote_code=True`"):
+        model.generate(ids, stm_state=stm, max_new_tokens=2, penalty_alpha=0.6, top_k=4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="offloading needs an accelerator; refused on CPU builds")
+def test_offloaded_cache_is_refused_without_an_accelerator():
+    model = tiny_model()
+    ids, stm = inputs(model, batch=1)
+    with pytest.raises(AssertionError, match="not compiled with CUDA"):
+        model.generate(ids, stm_state=stm, max_new_tokens=2, cache_implementation="offloaded")
