@@ -1,41 +1,49 @@
-"""Stage 6: RxRLHF, preference alignment with memory, derived from TRL's DPO trainer.
+"""Stage 6: RxRLHF, preference alignment with memory, on TRL's DPO configuration.
 
-``RxRLHFConfig`` subclasses ``trl.DPOConfig`` and ``RxRLHFTrainer`` subclasses ``trl.DPOTrainer`` (TRL **1.16.0**,
-pinned in ``setup.py``: private methods are overridden). The data are conversations whose every turn has a query
-and two answers (``interactions: [{query, chosen, rejected}]``, see :mod:`trainers.preference_data`).
+``RxRLHFConfig`` subclasses ``trl.DPOConfig``; ``RxRLHFTrainer`` is a ``transformers.Trainer`` (with the stage mixin
+:class:`~rxt_hf.trainers.trainer_base.RxTStageMixin`) that owns its scoring loop. It is not a ``trl.DPOTrainer``
+subclass: DPOTrainer's ``__init__`` tokenizes the data through its private ``_prepare_dataset`` (single
+prompt / chosen / rejected strings), patches the model's forward with a fused LM head, and its public
+``compute_loss`` / ``log`` / ``evaluate`` run through the private ``_compute_loss``, ``_metrics`` and
+``_set_signature_columns_if_needed``; a conversation scored through the STM would have to override those again,
+tying the code to one TRL release. The data are conversations whose every turn has a query and two answers
+(``interactions: [{query, chosen, rejected}]``, see :mod:`trainers.preference_data`).
 
-How a conversation is scored (:func:`score_conversations`): the STM starts fresh (``init_memory``); at turn ``k``
-the decoder reads the current STM and scores ``[BOS][Q] query [A] answer [EOS]`` for the chosen and for the
-rejected answer (sum of the answer tokens' log-probabilities, ``[EOS]`` included); then ``update_memory`` writes
-the turn's query + **chosen** answer into the STM. So the memory that scores turn ``k`` holds the chosen history
-of turns ``< k`` only: never a rejected answer, never the answer being scored. The policy and the frozen
+How a conversation is scored (:func:`score_conversations`, on the conversation primitive
+:class:`~rxt_hf.modeling_rxt.conversation_rxt.ConversationBatch`): the STM starts fresh (``init_memory``); at
+turn ``k`` the decoder reads the current STM and scores ``[BOS][Q] query [A] answer [EOS]`` for the chosen and for
+the rejected answer (sum of the answer tokens' log-probabilities, ``[EOS]`` included); then ``update_memory``
+writes the turn's query + **chosen** answer into the STM. So the memory that scores turn ``k`` holds the chosen
+history of turns ``< k`` only: never a rejected answer, never the answer being scored. The policy and the frozen
 reference each play the conversation with their own encoder and memory attention over the same chosen history;
 with the memory system frozen (the default ``trainable_components``, or LoRA on the decoder only) both build
 exactly the same STM, so the reference reads the same memory as the policy. A Llama DPO pair would instead carry
 the whole history in its prompt.
 
-What is reused from TRL unchanged: the ``transformers.Trainer`` loop (optimizer, scheduler, gradient
-accumulation and clipping, checkpoints, ``train(resume_from_checkpoint=...)``, trackers), DPOTrainer's
-construction (PEFT wrapping with ``peft_config``, reference handling: an explicit ``ref_model``, or for PEFT the
-policy with its adapters disabled / a ``"ref"`` adapter, ``sync_ref_model`` (TR-DPO), dropout disabling), its
-metric store and ``log`` (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
-``logps/chosen``, ``logps/rejected`` keep TRL's names and meaning, per pair = per turn), ``evaluate`` and the
-checkpoint model card. ``beta``, ``loss_type``, ``loss_weights`` and ``label_smoothing`` keep DPOConfig's names.
+Library symbols used (all public):
 
-Overridden methods of DPOTrainer 1.16.0 (re-check them when TRL is upgraded):
+- ``transformers``: ``Trainer`` and its public hooks (``compute_loss``, ``prediction_step``, ``training_step``,
+  ``evaluate``, ``log``, ``compute_loss_context_manager``, the ``loss_is_scaled_for_ga`` attribute, callbacks),
+  ``set_seed``; the Trainer loop itself (seeded sampler, optimizer / scheduler, gradient accumulation and
+  clipping, ``checkpoint-N`` saving and ``train(resume_from_checkpoint=...)``, trackers) is unchanged;
+- ``trl``: ``DPOConfig`` (the config's base), ``SyncRefModelCallback`` (``sync_ref_model``, TR-DPO);
+  ``trl.models``: ``prepare_deepspeed`` / ``prepare_fsdp`` (the reference under DeepSpeed / FSDP),
+  ``get_act_offloading_ctx_manager`` (``activation_offloading``); ``trl.trainer.utils``:
+  ``disable_dropout_in_model`` (``disable_dropout``), ``use_adapter`` (the PEFT reference: adapters disabled, or
+  the ``"ref"`` adapter). TRL's DPO loss lives in the private ``_compute_loss``, so the loss is
+  :func:`preference_loss`; the per-token log-probs come from ``ConversationBatch`` (float32, chunked), so TRL's
+  ``selective_log_softmax`` is not needed;
+- ``accelerate``: ``Accelerator.unwrap_model`` / ``prepare_model`` / ``gather``; ``peft``: ``get_peft_model``,
+  ``LoraConfig``, ``PeftModel.add_adapter``.
 
-- ``_prepare_dataset`` (private): validates every row (:func:`trainers.preference_data.check_preference_row`:
-  the error names the row, the turn and the missing / empty field) and tokenizes query / chosen / rejected per
-  turn into ``turn_query_ids`` / ``turn_chosen_ids`` / ``turn_rejected_ids`` instead of TRL's single
-  ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``; idempotent like TRL's.
-- ``_set_signature_columns_if_needed`` (private): keeps those columns (plus ``recall_distance``,
-  ``rejection_type``).
-- ``_compute_loss`` (private; TRL's ``compute_loss`` calls it): plays every conversation turn by turn with the
-  STM (above) for the policy (with gradients, also through the memory updates when memory components train) and
-  for the reference, then applies the loss to every (conversation, turn) pair.
-- ``compute_ref_log_probs``: returns the reference's ``[B, N]`` chosen / rejected log-probabilities of a
-  multi-turn batch (TRL: ``[B]`` of single prompts).
-- ``prediction_step``: loss only (there are no logits to return for a whole conversation).
+Kept from DPOTrainer's behaviour: ``set_seed(args.seed)`` before the PEFT wrap, the reference (an explicit
+``ref_model``, a frozen copy of the starting model, or for PEFT the policy with its adapters disabled / a
+``"ref"`` adapter copied from a given adapter), ``sync_ref_model``, dropout disabled, TRL's metric names
+(``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
+``logps/rejected`` with TRL's meaning, per pair = per turn; ``eval_`` prefix in evaluation), ``evaluate`` of a
+raw preference data set. ``beta``, ``loss_type``, ``loss_weights`` and ``label_smoothing`` keep DPOConfig's names.
+Not kept: TRL's ``README.md`` written into ``output_dir`` at every checkpoint (the RxT model card is written by
+``save_rxt_model``); the ``checkpoint-N`` folders hold what they held.
 
 Loss variants (``loss_type``, combinable with ``loss_weights`` as in TRL), with ``d = (logp_c - ref_c) -
 (logp_r - ref_r)``:
@@ -55,37 +63,47 @@ Loss variants (``loss_type``, combinable with ``loss_weights`` as in TRL), with 
 
 Not supported (refused by the config): ``precompute_ref_log_probs`` (reference log-probs depend on the memory
 path, per turn), ``use_weighting``, ``ld_alpha``, non-default ``f_divergence_type``, ``truncation_mode=
-"keep_end"``, ``padding_free``.
+"keep_end"``, ``padding_free``, ``remove_unused_columns=True`` (the collator reads the prepared turn columns,
+which ``RxTForCausalLM.forward`` does not take).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import torch
 import torch.nn.functional as F
-from trl import DPOConfig, DPOTrainer
+from accelerate.utils import send_to_device
+from transformers import Trainer, set_seed
+from trl import DPOConfig, SyncRefModelCallback
+from trl.models import get_act_offloading_ctx_manager, prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
+from rxt_hf.modeling_rxt.conversation_rxt import ConversationBatch
 from rxt_hf.modeling_rxt.format_rxt import IGNORE_INDEX, encode_texts, frame_interaction, pad_grid, special_token_ids
 
 from .preference_data import check_preference_row
 from .smat_trainer import SMAT_COMPONENTS, component_parameters
-from .trl_stage import RxTStageMixin, is_peft_model
+from .trainer_base import RxTStageMixin, is_peft_model
 
 __all__ = [
     "DECODER_ATTENTION_LORA_TARGETS",
     "PreferenceCollator",
     "RxRLHFConfig",
     "RxRLHFTrainer",
+    "add_reference_adapter",
     "decoder_lora_config",
     "evaluate_preferences",
     "format_preference_table",
     "freeze_reference",
     "preference_loss",
+    "prepare_preference_dataset",
     "score_conversations",
 ]
 
@@ -116,6 +134,16 @@ def freeze_reference(model):
     return model
 
 
+def add_reference_adapter(model) -> None:
+    """Give a ``PeftModel`` a ``"ref"`` adapter, a copy of its ``"default"`` adapter as it is now: the reference of
+    a model that came with trained adapters (as TRL's DPOTrainer does)."""
+    model.add_adapter("ref", model.peft_config["default"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".default." in name:
+                model.get_parameter(name.replace(".default.", ".ref.")).copy_(param)
+
+
 # ------------------------------------------------------------------------------------------------------
 # config
 
@@ -127,7 +155,8 @@ class RxRLHFConfig(DPOConfig):
     interaction** (``[BOS][Q] query [A] answer [EOS]``, capped by the model's ``max_position_embeddings``).
 
     Changed defaults: ``learning_rate=1e-4`` (small RxT models; TRL: 1e-6), ``max_length=256``, no gradient
-    (activation) checkpointing, ``bf16=False``, ``logging_steps=1``, ``report_to="none"``.
+    (activation) checkpointing, ``bf16=False``, ``logging_steps=1``, ``report_to="none"``,
+    ``remove_unused_columns=False`` (the collator reads the prepared turn columns).
     """
 
     trainable_components: list[str] = field(
@@ -163,6 +192,11 @@ class RxRLHFConfig(DPOConfig):
     bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers (transformers)."})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: the collator reads the turn columns RxRLHF prepares, which the model's "
+                          "forward does not take (transformers would drop them)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -193,7 +227,10 @@ class RxRLHFConfig(DPOConfig):
         if self.truncation_mode != "keep_start":
             fail("truncation_mode", self.truncation_mode, "interactions are cut answer-first; use 'keep_start'.")
         if self.padding_free:
-            fail("padding_free", True, "not available in TRL 1.16 either; set it to False.")
+            fail("padding_free", True, "conversations are padded per turn; set it to False.")
+        if self.remove_unused_columns:
+            fail("remove_unused_columns", True, "the collator reads the prepared turn columns, which transformers "
+                                                "would drop (the model's forward does not take them); set it to False.")
         if self.max_length is not None and (not is_int(self.max_length) or self.max_length < 8):
             fail("max_length", self.max_length, "it must be an int >= 8 (tokens of one interaction) or None.")
         components = self.trainable_components
@@ -289,6 +326,37 @@ def _tokenize_turns(tokenizer, turns: Sequence[Mapping[str, str]]) -> dict[str, 
     }
 
 
+def prepare_preference_dataset(dataset, tokenizer, dataset_name: str = "train", num_proc: int | None = None):
+    """Validate and tokenize preference conversations for :class:`RxRLHFTrainer`: every row is checked
+    (:func:`trainers.preference_data.check_preference_row`: the error names the row, the turn and the missing /
+    empty field) and its query / chosen / rejected texts per turn become ``turn_query_ids`` / ``turn_chosen_ids`` /
+    ``turn_rejected_ids`` (the other columns are kept). A prepared data set is returned as it is; a dict of data
+    sets is prepared split by split; ``None`` and a split name (``str``) are returned as they are."""
+    if dataset is None or isinstance(dataset, str):
+        return dataset
+    if isinstance(dataset, Mapping):
+        return {name: prepare_preference_dataset(part, tokenizer, name, num_proc) for name, part in dataset.items()}
+    columns = dataset.column_names
+    if columns is not None and all(c in columns for c in TOKENIZED_COLUMNS):
+        return dataset  # already prepared
+    if columns is not None and "interactions" not in columns:
+        raise ValueError(
+            f"{dataset_name}_dataset has no 'interactions' column (columns: {list(columns)}); RxRLHF needs "
+            "interactions: [{query, chosen, rejected}] per row. Fix: rename with column_mapping or build it with "
+            "trainers.preference_data.build_preference_dataset."
+        )
+    name = f"{dataset_name}_dataset"
+
+    def tokenize(row, index):
+        check_preference_row(row, index, name)
+        return _tokenize_turns(tokenizer, row["interactions"])
+
+    kwargs = {}
+    if isinstance(dataset, datasets.Dataset):  # map-style: a description and optional processes
+        kwargs = {"num_proc": num_proc, "desc": f"Tokenizing {name}"}
+    return dataset.map(tokenize, with_indices=True, **kwargs)
+
+
 @dataclass
 class PreferenceCollator:
     """Collate preference conversations into ``[B, N, 2, T]`` tensors (pair index 0: chosen, 1: rejected).
@@ -371,50 +439,41 @@ def score_conversations(model, batch: Mapping[str, Any], forward_model=None) -> 
     each turn ``k``: the decoder reads the STM built from turns ``< k`` and scores ``[BOS][Q] query [A] answer
     [EOS]`` for the chosen and the rejected answer (sum of the log-probabilities of the answer tokens and
     ``[EOS]``); then, for conversations that have a turn ``k + 1``, ``update_memory(stm, chosen interaction of
-    turn k)``; the others keep their memory. Gradients flow wherever grad mode and ``requires_grad`` allow, including through the memory updates
-    when the encoder / memory attention train.
+    turn k)``; the others keep their memory. Gradients flow wherever grad mode and ``requires_grad`` allow,
+    including through the memory updates when the encoder / memory attention train.
+
+    The turns are played by ``ConversationBatch.play`` over ``2B`` rows: the chosen answers of the ``B``
+    conversations, then their rejected answers. Row ``b`` and row ``B + b`` are one memory group: they start from
+    the same STM, and the group writes its chosen interaction once, so both answers of a turn read the same memory.
     """
-    forward_model = forward_model or model
-    ids = batch["pair_input_ids"]  # [B, N, 2, T]
-    mask = batch["pair_attention_mask"]  # [B, N, 2, T]
+    ids, mask = batch["pair_input_ids"], batch["pair_attention_mask"]  # [B, N, 2, T]
     completion = batch["pair_completion_mask"]  # [B, N, 2, T]
     present = batch["turn_mask"].bool()  # [B, N]
     size, turns = present.shape
-    stm = model.init_memory(size)  # [B, L, S, D]
-    chosen = ids.new_zeros((size, turns), dtype=torch.float32)
-    rejected = ids.new_zeros((size, turns), dtype=torch.float32)
-    lengths = completion[..., 1:].sum(-1)  # [B, N, 2] scored tokens per answer
+    answers = torch.cat([ids[:, :, 0], ids[:, :, 1]])  # [2B, N, T]: chosen rows, then rejected rows
+    answer_mask = torch.cat([mask[:, :, 0], mask[:, :, 1]])  # [2B, N, T]
+    scored_tokens = torch.cat([completion[:, :, 0], completion[:, :, 1]])[..., 1:]  # [2B, N, T-1]
+    chosen, chosen_mask = ids[:, :, 0].repeat(2, 1, 1), mask[:, :, 0].repeat(2, 1, 1)  # [2B, N, T] what is written
+    conversations = ConversationBatch(
+        model, model.init_memory(size).repeat(2, 1, 1, 1), memory_group=torch.arange(size).repeat(2),
+        forward_model=forward_model,
+    )
+    logps = ids.new_zeros((2 * size, turns), dtype=torch.float32)  # [2B, N]
     is_moe = getattr(_base_config(model), "decoder_feed_forward", None) == "moe"
     aux_terms, tokens = [], 0
-    last = int(present.any(0).nonzero().max()) if present.any() else -1
-    for k in range(last + 1):
-        rows = present[:, k].nonzero().squeeze(1)
-        if rows.numel() == 0:
+    for turn in conversations.play(answers, answer_mask, present.repeat(2, 1), memory_ids=chosen,
+                                   memory_mask=chosen_mask, return_logps=True, return_stm=False):
+        if turn.token_logps is None:  # no conversation has this turn
             continue
-        n = rows.numel()
-        seq = torch.cat([ids[rows, k, 0], ids[rows, k, 1]])  # [2n, T]: chosen rows, then rejected rows
-        seq_mask = torch.cat([mask[rows, k, 0], mask[rows, k, 1]])
-        seq_completion = torch.cat([completion[rows, k, 0], completion[rows, k, 1]])
-        width = int(seq_mask.sum(-1).max())
-        seq, seq_mask, seq_completion = seq[:, :width], seq_mask[:, :width], seq_completion[:, :width]
-        tokens += int(seq_mask.sum())
-        out = forward_model(input_ids=seq, attention_mask=seq_mask, stm_state=stm[rows].repeat(2, 1, 1, 1),
-                            use_cache=False)
-        logp = out.logits[:, :-1].float().log_softmax(-1)
-        token_logps = logp.gather(-1, seq[:, 1:].unsqueeze(-1)).squeeze(-1)  # [2n, T-1]
-        sums = (token_logps * seq_completion[:, 1:]).sum(-1)  # [2n]
-        chosen = chosen.index_put((rows, torch.full_like(rows, k)), sums[:n])
-        rejected = rejected.index_put((rows, torch.full_like(rows, k)), sums[n:])
-        aux = getattr(out, "router_aux_loss", None)
-        if is_moe and aux is not None:
-            aux_terms.append(aux)
-        # the memory of turn k + 1 (rows that have one): this turn's query + chosen answer, never the rejected one
-        write = (present[:, k] & present[:, k + 1]).nonzero().squeeze(1) if k < last else rows[:0]
-        if write.numel():
-            new = model.update_memory(stm[write], ids[write, k, 0], mask[write, k, 0])
-            stm = stm.index_copy(0, write, new)
+        width = turn.token_logps.shape[1]
+        sums = (turn.token_logps * scored_tokens[turn.rows, turn.turn, :width]).sum(-1)  # [n]
+        logps = logps.index_put((turn.rows, torch.full_like(turn.rows, turn.turn)), sums)
+        tokens += int(turn.attention_mask.sum())
+        if is_moe and turn.aux_loss is not None:
+            aux_terms.append(turn.aux_loss)
+    lengths = completion[..., 1:].sum(-1)  # [B, N, 2] scored tokens per answer
     return ConversationScores(
-        chosen_logps=chosen, rejected_logps=rejected,
+        chosen_logps=logps[:size], rejected_logps=logps[size:],
         chosen_lengths=lengths[..., 0], rejected_lengths=lengths[..., 1],
         router_aux_loss=torch.stack(aux_terms).mean() if aux_terms else None, num_tokens=tokens,
     )
@@ -434,8 +493,6 @@ def _reference(model, ref_model):
     if not is_peft_model(model):
         raise ValueError("ref_model is None but the model is not a PEFT model: pass the frozen reference model "
                          "(e.g. the model before training).")
-    from trl.trainer.utils import use_adapter
-
     adapter = "ref" if "ref" in model.peft_config else None
     return model, lambda: use_adapter(model, adapter_name=adapter)
 
@@ -482,7 +539,7 @@ def evaluate_preferences(model, ref_model, dataset, tokenizer, batch_size: int =
     try:
         for start in range(0, len(rows), batch_size):
             batch = collator(rows[start:start + batch_size])
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = send_to_device(batch, device)
             policy = score_conversations(model, batch)
             with ref_context():
                 ref = score_conversations(reference, batch)
@@ -543,16 +600,24 @@ def format_preference_table(before: Mapping[str, Any] | None, after: Mapping[str
 # trainer
 
 
-class RxRLHFTrainer(RxTStageMixin, DPOTrainer):
-    """Memory-aware DPO (stage 6) over preference conversations, as a ``trl.DPOTrainer``.
+class RxRLHFTrainer(RxTStageMixin, Trainer):
+    """Memory-aware DPO (stage 6) over preference conversations: a ``transformers.Trainer`` configured by an
+    ``RxRLHFConfig`` (a ``trl.DPOConfig``).
+
+    Why not a ``trl.DPOTrainer`` subclass: its ``__init__`` tokenizes the data through the private
+    ``_prepare_dataset`` (prompt / chosen / rejected strings, not conversations) and patches the model's forward
+    with a fused LM head, and its ``compute_loss`` / ``log`` / ``evaluate`` run through the private
+    ``_compute_loss`` / ``_metrics``; scoring conversations through the STM would mean overriding those again,
+    which ties the code to one TRL release. This class keeps DPO's configuration, reference handling, loss names
+    and metric names, and overrides only public ``transformers.Trainer`` hooks (see the module docstring).
 
     ``train_dataset`` holds rows ``interactions: [{query, chosen, rejected}]`` (optional per-turn
     ``recall_distance`` / ``rejection_type``), e.g. ``build_preference_dataset(...)["train"]`` or
     ``load_preference_dataset(...)``. Every row is validated first (clear error naming the row / turn / field).
     ``ref_model``: the frozen reference; ``None`` -> a frozen copy of ``model`` as it is now (or, with PEFT, the
-    model with its adapters disabled). Without PEFT, ``args.trainable_components`` are trained (default: decoder
-    and memory cross-attention); with ``args.lora_r`` (or ``peft_config``) only the LoRA adapters train. See the
-    module docstring for the scoring, the loss and the overridden TRL 1.16.0 methods.
+    model with its adapters disabled, or its ``"ref"`` adapter: a copy of a given PeftModel's adapter). Without
+    PEFT, ``args.trainable_components`` are trained (default: decoder and memory cross-attention); with
+    ``args.lora_r`` (or ``peft_config``) only the LoRA adapters train.
 
     Example:
 
@@ -582,9 +647,8 @@ class RxRLHFTrainer(RxTStageMixin, DPOTrainer):
     ```
     """
 
-    _tag_names = ["trl", "dpo", "rxt", "rxrlhf"]
-    _name = "RxRLHF"
     stage_name = "rxrlhf"
+    loss_is_scaled_for_ga = False  # compute_loss returns the micro-batch's loss; the Trainer divides it
 
     def __init__(self, model, ref_model=None, args: RxRLHFConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, callbacks=None,
@@ -594,90 +658,112 @@ class RxRLHFTrainer(RxTStageMixin, DPOTrainer):
                             "RxRLHFConfig(output_dir=...).")
         if isinstance(model, str):
             raise TypeError("RxRLHFTrainer needs an instantiated RxTForCausalLM (load it with from_pretrained first).")
+        if ref_model is not None and ref_model is model:
+            raise ValueError("model and ref_model are the same object; omit ref_model to train against a frozen copy "
+                             "of the starting model.")
         if processing_class is None:
             raise ValueError("RxRLHFTrainer needs processing_class=<the RxT tokenizer>.")
         if train_dataset is None:
             raise ValueError("RxRLHFTrainer needs a preference train_dataset (interactions: [{query, chosen, "
                              "rejected}]), e.g. build_preference_dataset(...)['train'].")
-        self._ids = special_token_ids(processing_class)
-        config = _base_config(model)
-        limit = int(config.max_position_embeddings)
-        self._max_interaction_length = min(args.max_length or limit, limit)
+        if isinstance(train_dataset, datasets.IterableDataset):
+            args.accelerator_config.dispatch_batches = False  # as TRL: one process cannot concatenate streamed batches
+        limit = int(_base_config(model).max_position_embeddings)
+        self.max_interaction_length = min(args.max_length or limit, limit)
         if peft_config is None and args.lora_r is not None and not is_peft_model(model):
             peft_config = decoder_lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
                                               args.lora_target_modules)
-        self._uses_peft = peft_config is not None or is_peft_model(model)
-        if ref_model is None and not self._uses_peft:
-            ref_model = copy.deepcopy(model)  # the starting policy (copied before TRL patches the forward)
+        if peft_config is not None and is_peft_model(model):
+            raise ValueError("peft_config was given with a PeftModel; merge its adapters first "
+                             "(model.merge_and_unload()) or pass the PeftModel without peft_config.")
+        self.uses_peft = peft_config is not None or is_peft_model(model)
+        if args.sync_ref_model and self.uses_peft:
+            raise ValueError("RxRLHFConfig.sync_ref_model=True does not work with PEFT: the reference is the model "
+                             "with its adapters disabled, there is no copy to synchronise. Set it to False.")
+        if ref_model is None and not self.uses_peft:
+            ref_model = copy.deepcopy(model)  # the starting policy
         if ref_model is not None:
             freeze_reference(ref_model)
-        if not self._uses_peft:
+        if not self.uses_peft:
             active = set(args.trainable_components)
             for name, params in component_parameters(model).items():
                 for param in params:
                     param.requires_grad_(name in active)
+        if processing_class.pad_token_id is not None:  # the model agrees with the tokenizer's padding (as in TRL)
+            model.config.pad_token_id = processing_class.pad_token_id
+            model.generation_config.pad_token_id = processing_class.pad_token_id
+        set_seed(args.seed)  # LoRA adapters start from the seed (as in TRL)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        elif is_peft_model(model) and ref_model is None:
+            add_reference_adapter(model)
         if data_collator is None:
-            data_collator = PreferenceCollator(processing_class, max_length=self._max_interaction_length)
-        self.start_stage_record(self._uses_peft)
-        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
-                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                         callbacks=callbacks, optimizers=optimizers, peft_config=peft_config)
-        if self.ref_model is not None:
+            data_collator = PreferenceCollator(processing_class, max_length=self.max_interaction_length)
+        train_dataset = prepare_preference_dataset(train_dataset, processing_class, "train", args.dataset_num_proc)
+        eval_dataset = prepare_preference_dataset(eval_dataset, processing_class, "eval", args.dataset_num_proc)
+        self.start_stage_record(self.uses_peft)
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers)
+        if args.n_gpu > 1:
+            raise ValueError("RxRLHFTrainer does not run under nn.DataParallel (several GPUs in one process); launch "
+                             "with torchrun / accelerate launch, or make one GPU visible (CUDA_VISIBLE_DEVICES).")
+        self.activation_offload_context = (get_act_offloading_ctx_manager(model=self.model)
+                                           if args.activation_offloading else contextlib.nullcontext())
+        coef = args.router_aux_loss_coef
+        self.router_aux_loss_coef = getattr(_base_config(model), "router_aux_loss_coef", 0.0) if coef is None else coef
+        if args.disable_dropout:
+            disable_dropout_in_model(self.model)
+            if ref_model is not None:
+                disable_dropout_in_model(ref_model)
+        self.ref_model = ref_model
+        if ref_model is not None:
+            if self.is_deepspeed_enabled:
+                self.ref_model = prepare_deepspeed(ref_model, self.accelerator)
+            elif self.is_fsdp_enabled:
+                self.ref_model = prepare_fsdp(ref_model, self.accelerator)
+            else:
+                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
             freeze_reference(self.ref_model)
+        if args.sync_ref_model:
+            self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+        # TRL's metrics of the pairs scored since the last log, per mode; answer tokens read in training
+        self.step_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.train_tokens = 0
 
-    # --- overridden DPOTrainer methods ------------------------------------------------------------------
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """Override of DPOTrainer 1.16.0's private method: validate and tokenize preference conversations."""
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and all(c in columns for c in TOKENIZED_COLUMNS):
-            return dataset  # already prepared
-        if columns is not None and "interactions" not in columns:
-            raise ValueError(
-                f"{dataset_name}_dataset has no 'interactions' column (columns: {list(columns)}); RxRLHF needs "
-                "interactions: [{query, chosen, rejected}] per row. Fix: rename with column_mapping or build it with "
-                "trainers.preference_data.build_preference_dataset."
-            )
-        name = f"{dataset_name}_dataset"
-
-        def tokenize(row, index):
-            check_preference_row(row, index, name)
-            return _tokenize_turns(processing_class, row["interactions"])
-
-        kwargs = {}
-        if hasattr(dataset, "_fingerprint"):  # map-style Dataset: a description and optional processes
-            kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {name}"}
-        return dataset.map(tokenize, with_indices=True, **kwargs)
-
-    def _set_signature_columns_if_needed(self):
-        """Override of DPOTrainer 1.16.0's private method: keep the tokenized turn columns."""
-        if self._signature_columns is None:
-            self._signature_columns = [*TOKENIZED_COLUMNS, "recall_distance", "rejection_type"]
+    # --- scoring and the loss -----------------------------------------------------------------------------
 
     def compute_ref_log_probs(self, model, inputs):
-        """Override of DPOTrainer 1.16.0: the reference's ``([B, N] chosen, [B, N] rejected)`` log-probabilities of a
-        multi-turn batch; the reference plays the conversation with its own memory from the chosen history."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
+        """The reference's ``([B, N] chosen, [B, N] rejected)`` log-probabilities of a multi-turn batch (as TRL's
+        method of that name, per turn); the reference plays the conversation with its own memory from the chosen
+        history."""
+        unwrapped = self.accelerator.unwrap_model(model)
         ref = None if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
         reference, context = _reference(unwrapped, ref)
         with torch.no_grad(), context():
             scores = score_conversations(reference, inputs)
         return scores.chosen_logps, scores.rejected_logps
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        """Override of DPOTrainer 1.16.0's private method: memory-aware DPO over conversation turns."""
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Memory-aware DPO over conversation turns: the policy plays every conversation turn by turn with the STM
+        (with gradients, also through the memory updates when memory components train), the reference does the
+        same without, and :func:`preference_loss` is applied to every (conversation, turn) pair. Records TRL's
+        metrics for :meth:`log`."""
         mode = "train" if self.model.training else "eval"
         unwrapped = self.accelerator.unwrap_model(model)
         policy = score_conversations(unwrapped, inputs, forward_model=model)
         ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
         pick = inputs["turn_mask"].bool().nonzero(as_tuple=True)  # every (conversation, turn) is a pair
+        args = self.args
         loss, stats = preference_loss(
             policy.chosen_logps[pick], policy.rejected_logps[pick], ref_chosen[pick], ref_rejected[pick],
-            beta=self.beta, loss_types=self.loss_types, loss_weights=self.loss_weights,
-            label_smoothing=self.label_smoothing,
+            beta=args.beta, loss_types=args.loss_type, loss_weights=args.loss_weights,
+            label_smoothing=args.label_smoothing,
             chosen_lengths=policy.chosen_lengths[pick].float(), rejected_lengths=policy.rejected_lengths[pick].float(),
         )
-        metrics = self._metrics[mode]
+        metrics = self.step_metrics[mode]
         if policy.router_aux_loss is not None and self.router_aux_loss_coef:
             loss = loss + self.router_aux_loss_coef * policy.router_aux_loss
             metrics["aux_loss"].append(self.accelerator.gather(policy.router_aux_loss.detach()[None]).mean().item())
@@ -697,16 +783,39 @@ class RxRLHFTrainer(RxTStageMixin, DPOTrainer):
             metrics[name].append((total / count).item())
         metrics["pairs"].append(totals[-1].item())
         if mode == "train":
-            self._total_train_tokens += policy.num_tokens
-        metrics["num_tokens"] = [self._total_train_tokens]
+            self.train_tokens += policy.num_tokens
+        metrics["num_tokens"] = [self.train_tokens]
         return (loss, None) if return_outputs else loss
 
+    # --- Trainer hooks ------------------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """``Trainer.training_step`` inside the activation-offloading context (``args.activation_offloading``)."""
+        with self.activation_offload_context:
+            return super().training_step(model, inputs, num_items_in_batch)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Override of DPOTrainer 1.16.0: the evaluation loss only (no per-token logits for a conversation)."""
-        inputs = self._prepare_inputs(inputs)
+        """The evaluation loss only (no per-token logits for a whole conversation)."""
+        inputs = send_to_device(inputs, self.args.device)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """``Trainer.evaluate``; a preference data set passed here is validated and tokenized first (a name selects
+        one of the prepared ``eval_dataset`` splits)."""
+        eval_dataset = prepare_preference_dataset(eval_dataset, self.processing_class, "eval",
+                                                  self.args.dataset_num_proc)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                metric_key_prefix=metric_key_prefix)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averages of the metrics recorded since the last log (``eval_`` in evaluation)."""
+        mode = "train" if self.model.training else "eval"
+        for key, values in self.step_metrics[mode].items():
+            logs[f"eval_{key}" if mode == "eval" else key] = sum(values) / len(values)
+        super().log(logs, start_time)
+        self.step_metrics[mode].clear()
 
     # --- evaluation and saving ------------------------------------------------------------------------
 
@@ -716,7 +825,7 @@ class RxRLHFTrainer(RxTStageMixin, DPOTrainer):
         ref = None if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
         return evaluate_preferences(unwrapped, ref, dataset, self.processing_class,
                                     batch_size=batch_size or self.args.per_device_eval_batch_size,
-                                    max_length=self._max_interaction_length, max_conversations=max_conversations)
+                                    max_length=self.max_interaction_length, max_conversations=max_conversations)
 
     def data_description(self) -> str:
         data = self.train_dataset
