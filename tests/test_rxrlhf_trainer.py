@@ -1,10 +1,15 @@
 """RxRLHF (stage 6): memory-aware DPO loss by hand, STM isolation, frozen reference, LoRA, data validation,
-embedded preference data, the online (reward-model) variant and the recipe path."""
+embedded preference data, public TRL / transformers API only, resume, the online (reward-model) variant and the
+recipe path."""
 
+import ast
 import contextlib
+import inspect
 import io
 import json
 import math
+import re
+import textwrap
 
 import pytest
 import torch
@@ -23,6 +28,7 @@ from rxt_hf.trainers.rxrlhf_trainer import (
     PreferenceCollator,
     RxRLHFConfig,
     RxRLHFTrainer,
+    decoder_lora_config,
     evaluate_preferences,
     preference_loss,
     score_conversations,
@@ -347,6 +353,94 @@ def test_evaluate_preferences_against_itself_and_trained(tmp_path, tokenizer, pr
     assert counts == same["num_pairs"]
 
 
+def test_a_given_peft_model_is_its_own_reference_through_a_ref_adapter(tmp_path, tokenizer):
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(_model(tokenizer), decoder_lora_config(r=4))
+    with torch.no_grad():  # trained-looking adapters: the reference is this model, not the base model
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1)
+    trainer = RxRLHFTrainer(peft_model, args=_args(tmp_path), train_dataset=Dataset.from_list(CONVERSATIONS),
+                            processing_class=tokenizer)
+    assert trainer.ref_model is None and "ref" in peft_model.peft_config
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    with torch.no_grad():
+        policy = score_conversations(peft_model.eval(), batch)
+        with peft_model.disable_adapter():
+            base = score_conversations(peft_model, batch)
+    assert torch.allclose(ref_chosen, policy.chosen_logps) and torch.allclose(ref_rejected, policy.rejected_logps)
+    assert not torch.allclose(ref_chosen, base.chosen_logps)
+
+
+# --- public API only, resume --------------------------------------------------------------------------------
+
+
+def _library_private_names(*classes) -> set[str]:
+    """`_`-prefixed (not dunder) names the TRL / transformers classes among `classes`' MROs define or set on self."""
+    library = {c for klass in classes for c in klass.__mro__ if c.__module__.split(".")[0] in ("transformers", "trl")}
+    private = {name for c in library for name in vars(c) if name.startswith("_") and not name.endswith("__")}
+    for c in library:
+        private |= set(re.findall(r"self\.(_[A-Za-z]\w*)", inspect.getsource(c)))
+    return private
+
+
+def test_rxrlhf_trainers_use_no_private_trl_or_transformers_member():
+    """RxRLHFTrainer and RxRLHFOnlineTrainer (walking their MROs: every class of this project) override no
+    `_`-prefixed method or attribute that TRL or transformers define, their source touches no `obj._x` at all, and
+    their modules import no private name from TRL / transformers / accelerate."""
+    from transformers import Trainer
+    from trl import DPOConfig, DPOTrainer, GRPOTrainer
+
+    from rxt_hf.trainers import rxrlhf_online, rxrlhf_trainer
+    from rxt_hf.trainers.rxrlhf_online import RxRLHFOnlineTrainer
+
+    assert issubclass(RxRLHFConfig, DPOConfig) and issubclass(RxRLHFTrainer, Trainer)
+    assert not issubclass(RxRLHFTrainer, DPOTrainer) and not issubclass(RxRLHFOnlineTrainer, GRPOTrainer)
+    private = _library_private_names(RxRLHFTrainer, RxRLHFOnlineTrainer, DPOTrainer, GRPOTrainer)
+    assert {"_prepare_dataset", "_set_signature_columns_if_needed", "_compute_loss", "_metrics", "_prepare_inputs",
+            "_save_checkpoint", "_tag_names", "_remove_unused_columns"} <= private  # the walk does find them
+    for trainer_class in (RxRLHFTrainer, RxRLHFOnlineTrainer):
+        ours = [c for c in trainer_class.__mro__ if c.__module__.startswith("rxt_hf.")]
+        assert trainer_class in ours and len(ours) >= 2  # the class and the stage mixin (and MRLTrainer)
+        for klass in ours:
+            own = {name for name in vars(klass) if not (name.startswith("__") and name.endswith("__"))}
+            assert not own & private, (klass.__name__, sorted(own & private))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(trainer_class)))
+        accessed = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        assert "accelerator" in accessed or trainer_class is RxRLHFOnlineTrainer  # the walk sees attribute access
+        assert not [a for a in accessed if a.startswith("_") and not a.endswith("__")], trainer_class.__name__
+    for module in (rxrlhf_trainer, rxrlhf_online):
+        tree = ast.parse(inspect.getsource(module))
+        accessed = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        assert not [a for a in accessed if a.startswith("_") and not a.endswith("__")], module.__name__
+        for name, value in vars(module).items():
+            origin = getattr(value, "__module__", None) or getattr(value, "__name__", "")
+            if origin.split(".")[0] in ("trl", "transformers", "accelerate"):
+                assert not name.startswith("_") and not getattr(value, "__name__", "x").startswith("_"), name
+
+
+def test_resume_from_checkpoint_reaches_the_uninterrupted_weights(tmp_path, tokenizer, pref_data):
+    def trainer_for(save_strategy):
+        args = _args(tmp_path, max_steps=4, save_strategy=save_strategy, save_steps=2, learning_rate=1e-2)
+        return RxRLHFTrainer(_model(tokenizer), args=args, train_dataset=pref_data["train"],
+                             processing_class=tokenizer)
+
+    whole = trainer_for("steps")
+    _quiet(whole.train)
+    checkpoint = tmp_path / "checkpoint-2"
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
+        p.name for p in checkpoint.iterdir()}
+    resumed = trainer_for("no")
+    _quiet(resumed.train, resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    expected, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (whole, resumed)]
+    assert losses[0] == losses[1]  # the resumed state holds the first two records, then the same two steps
+
+
 # --- data -----------------------------------------------------------------------------------------------------
 
 
@@ -413,7 +507,8 @@ def test_local_preference_files_are_loaded_and_validated(tmp_path):
 
 @pytest.mark.parametrize("bad", [dict(loss_type=["hinge"]), dict(label_smoothing=0.5), dict(beta=0.0),
                                  dict(precompute_ref_log_probs=True), dict(trainable_components=["head"]),
-                                 dict(trainable_components=[]), dict(lora_r=0), dict(max_length=4)])
+                                 dict(trainable_components=[]), dict(lora_r=0), dict(max_length=4),
+                                 dict(remove_unused_columns=True)])
 def test_bad_config_values_fail(tmp_path, bad):
     with pytest.raises(ValueError, match="RxRLHFConfig"):
         _args(tmp_path, **bad)

@@ -1,9 +1,10 @@
 """Online RxRLHF: align an RxT model with a reward model on live generations, without pairwise data.
 
-This reuses the MRL trainer (``trainers.mrl_trainer``, a ``trl.GRPOTrainer`` subclass) unchanged: conversations
-are played with the STM, the policy samples ``num_generations`` answers per rewarded turn, TRL's reward machinery
-scores them, GRPO's group baseline gives the advantages and the IMPO loss (clipped surrogate + KL) trains the
-policy. What this module adds:
+This reuses the MRL trainer (``trainers.mrl_trainer``: a ``transformers.Trainer`` on TRL's ``GRPOConfig`` and
+public utilities) unchanged: conversations are played with the STM, the policy samples ``num_generations`` answers
+per rewarded turn, the reward functions (TRL's signature) score them, GRPO's group baseline gives the advantages
+and the IMPO loss (clipped surrogate + KL) trains the policy. Like MRL it overrides no private TRL / transformers
+method and touches no private attribute. What this module adds:
 
 - :class:`RewardModelReward`: a reward function in TRL's signature (``fn(prompts, completions, **columns)``)
   built from an ``AutoModelForSequenceClassification`` (score = logit 0, as TRL does) or from any callable
@@ -77,7 +78,7 @@ class RewardModelReward:
         self.max_length = int(max_length)
         default_name = "reward_model"
         if isinstance(reward_model, nn.Module):
-            path = getattr(getattr(reward_model, "config", None), "_name_or_path", "") or ""
+            path = getattr(getattr(reward_model, "config", None), "name_or_path", "") or ""
             default_name = path.rstrip("/").split("/")[-1] or default_name
         self.__name__ = name or default_name
 
@@ -92,7 +93,8 @@ class RewardModelReward:
         ]
 
     @torch.no_grad()
-    def _model_scores(self, texts: list[str]) -> list[float]:
+    def model_scores(self, texts: list[str]) -> list[float]:
+        """The reward model's score (logit 0) of every text, in batches of `batch_size`."""
         model = self.reward_model
         device = next(model.parameters()).device
         was_training = model.training
@@ -111,7 +113,7 @@ class RewardModelReward:
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         texts = self.texts(prompts, completions, **kwargs)
         if isinstance(self.reward_model, nn.Module):
-            return self._model_scores(texts)
+            return self.model_scores(texts)
         scores = list(self.reward_model(texts))
         if len(scores) != len(texts):
             raise ValueError(f"reward_model returned {len(scores)} scores for {len(texts)} texts; it must return one "
@@ -190,9 +192,6 @@ class RxRLHFOnlineTrainer(MRLTrainer):
 
     ```
     """
-
-    _tag_names = ["trl", "grpo", "rxt", "rxrlhf-online"]
-    _name = "RxRLHF-online"
 
     def __init__(self, model, reward_funcs=None, args: MRLConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, reward_model=None, reward_tokenizer=None,
