@@ -33,8 +33,8 @@ Library symbols used (all public):
   the ``"ref"`` adapter). TRL's DPO loss lives in the private ``_compute_loss``, so the loss is
   :func:`preference_loss`; the per-token log-probs come from ``ConversationBatch`` (float32, chunked), so TRL's
   ``selective_log_softmax`` is not needed;
-- ``accelerate``: ``Accelerator.unwrap_model`` / ``prepare_model`` / ``gather``; ``peft``: ``get_peft_model``,
-  ``LoraConfig``, ``PeftModel.add_adapter``.
+- ``accelerate``: ``Accelerator.unwrap_model`` / ``prepare_model`` / ``gather``, ``send_to_device``; ``peft``:
+  ``get_peft_model``, ``LoraConfig``, ``PeftModel.add_adapter``; ``datasets``: ``Dataset.map``.
 
 Kept from DPOTrainer's behaviour: ``set_seed(args.seed)`` before the PEFT wrap, the reference (an explicit
 ``ref_model``, a frozen copy of the starting model, or for PEFT the policy with its adapters disabled / a
