@@ -44,9 +44,7 @@ setup(
         "transformers>=5.23,<6",
         "accelerate>=1.10.1",
         "peft>=0.18",
-        # MRL / RxRLHF override TRL's private GRPOTrainer / DPOTrainer methods (_generate_and_score_completions,
-        # _compute_loss, _calculate_rewards, _prepare_dataset, _set_signature_columns_if_needed): one minor series.
-        "trl>=1.16,<1.17",
+        "trl>=1.16",  # MRL / RxRLHF use TRL's configs and public utilities only (tests check no private member)
         "datasets>=4.7",
         "safetensors>=0.4",
         "tokenizers>=0.20",
