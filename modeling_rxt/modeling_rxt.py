@@ -884,9 +884,9 @@ class RxTDecoder(nn.Module):
         output_attentions: bool = False,
     ) -> tuple:
         """Final hidden states [B, T, D], every layer's input and the output (with `output_hidden_states`) and every
-        MoE layer's router logits [B * T, E] (with `output_router_logits`; None for a dense decoder); with
-        `output_attentions` also every layer's self-attention [B, Hq, T, past + T] and memory cross-attention
-        [B, Hq, T, S] weights (a 5-tuple; 3 values otherwise, as callers such as the MRL critic unpack)."""
+        MoE layer's router logits [B * T, E] (with `output_router_logits`; None for a dense decoder), every layer's
+        self-attention [B, Hq, T, past + T] and memory cross-attention [B, Hq, T, S] weights (with
+        `output_attentions`; None otherwise)."""
         batch, length, _ = inputs_embeds.shape
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
@@ -925,9 +925,7 @@ class RxTDecoder(nn.Module):
                 self_attentions += (self_weights,)
                 cross_attentions += (cross_weights,)
         router_logits = router_logits if output_router_logits and router_logits else None
-        if output_attentions:
-            return self.norm(hidden_states), all_hidden, router_logits, self_attentions, cross_attentions
-        return self.norm(hidden_states), all_hidden, router_logits
+        return self.norm(hidden_states), all_hidden, router_logits, self_attentions, cross_attentions
 
 
 class RxTEncoder(nn.Module):
@@ -1236,7 +1234,7 @@ class RxTModel(RxTPreTrainedModel):
                 f"'{self.config._attn_implementation}' does not return attention weights. Load the model with "
                 "attn_implementation='eager' or call model.set_attn_implementation('eager')."
             )
-        hidden, all_hidden, router_logits, *attentions = self.decoder(
+        hidden, all_hidden, router_logits, self_attentions, cross_attentions = self.decoder(
             inputs_embeds,
             memory,
             attention_mask=attention_mask,
@@ -1261,8 +1259,8 @@ class RxTModel(RxTPreTrainedModel):
         return RxTModelOutput(
             last_hidden_state=hidden,
             hidden_states=all_hidden,
-            attentions=attentions[0] if attentions else None,
-            cross_attentions=attentions[1] if attentions else None,
+            attentions=self_attentions,
+            cross_attentions=cross_attentions,
             router_logits=router_logits if output_router_logits else None,
             aux_loss=aux_loss,
             **{CACHE_FIELD: past_key_values},

@@ -49,7 +49,7 @@ class MemoryAwareCritic(nn.Module):
         """``input_ids`` / ``attention_mask`` ``[B, T]`` (left- or right-padded queries), ``stm`` ``[B, L, S, D]``
         -> values ``[B]``."""
         embeds = self.embed_tokens(input_ids)  # [B, T, D]
-        hidden, _, _ = self.decoder(embeds, stm, attention_mask=attention_mask)
+        hidden = self.decoder(embeds, stm, attention_mask=attention_mask)[0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, D]
         return self.value_head(pooled).squeeze(-1).float()  # [B]

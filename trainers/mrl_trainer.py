@@ -637,9 +637,7 @@ class MRLTrainer(RxTStageMixin, Trainer):
         super().__init__(model=model, args=args, data_collator=identity, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
-        if args.n_gpu > 1:
-            raise ValueError("MRLTrainer does not run under nn.DataParallel (several GPUs in one process); launch "
-                             "with torchrun / accelerate launch, or make one GPU visible (CUDA_VISIBLE_DEVICES).")
+        self.refuse_data_parallel()
         if self.kl_model is not None:
             self.kl_model.to(self.accelerator.device)
         self.critic_optimizer = None

@@ -707,9 +707,7 @@ class RxRLHFTrainer(RxTStageMixin, Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
-        if args.n_gpu > 1:
-            raise ValueError("RxRLHFTrainer does not run under nn.DataParallel (several GPUs in one process); launch "
-                             "with torchrun / accelerate launch, or make one GPU visible (CUDA_VISIBLE_DEVICES).")
+        self.refuse_data_parallel()
         self.activation_offload_context = (get_act_offloading_ctx_manager(model=self.model)
                                            if args.activation_offloading else contextlib.nullcontext())
         coef = args.router_aux_loss_coef

@@ -152,6 +152,13 @@ class RxTStageMixin:
         self._started = time.time()
         self._uses_peft = bool(uses_peft)
 
+    def refuse_data_parallel(self) -> None:
+        """The rollout / conversation stages keep per-row STMs that ``nn.DataParallel`` cannot split: one GPU per
+        process only."""
+        if self.args.n_gpu > 1:
+            raise ValueError(f"{type(self).__name__} does not run under nn.DataParallel (several GPUs in one process); "
+                             "launch with torchrun / accelerate launch, or make one GPU visible (CUDA_VISIBLE_DEVICES).")
+
     @property
     def rxt_model(self):
         """The RxT model this stage trains (unwrapped from DDP / FSDP; a PEFT model as such)."""
