@@ -163,8 +163,8 @@ class RxRLHFOnlineTrainer(MRLTrainer):
 
     Give ``reward_model`` (an ``AutoModelForSequenceClassification`` with ``reward_tokenizer``, or a callable
     ``texts -> scores``; wrapped in :class:`RewardModelReward`, which shows it the remembered interaction) and/or
-    ``reward_funcs`` (TRL reward functions, or TRL reward-model ids / modules, which see ``query + completion``
-    only). ``train_dataset``: multi-turn rows (``query`` / ``answer`` / ``interactions``) or preference rows
+    ``reward_funcs`` (reward functions with TRL's signature, which see ``query + completion`` only; a model id or
+    module is refused: wrap it in :class:`RewardModelReward`). ``train_dataset``: multi-turn rows (``query`` / ``answer`` / ``interactions``) or preference rows
     (``interactions: [{query, chosen, rejected}]``: the chosen answers are used, the rejected ones ignored).
 
     Example:
