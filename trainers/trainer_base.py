@@ -425,6 +425,12 @@ class RxTStageModule(nn.Module):
         self.args = args
         self.generator: torch.Generator | None = None
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The model's layer classes: the stage module is what FSDP wraps, and Accelerate's transformer auto-wrap
+        policy without class names (`accelerate config`) wraps the classes the wrapped module lists here."""
+        return list(getattr(self.model, "_no_split_modules", None) or [])
+
     def random_device(self, tensor: torch.Tensor):
         """Where random numbers are drawn: the generator's device (CPU generators give the same draws anywhere)."""
         return self.generator.device if self.generator is not None else tensor.device
