@@ -35,7 +35,7 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     package_data={
-        f"{NAMESPACE}.recipes": ["*.yaml"],
+        f"{NAMESPACE}.recipes": ["*.yaml", "accelerate/*"],
         f"{NAMESPACE}.model_cards": ["*.md"],
         f"{NAMESPACE}.serving": ["static/*"],
     },
