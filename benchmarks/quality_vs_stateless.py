@@ -1,6 +1,6 @@
-"""quality-vs-stateless: RxT against a stateless Llama of the same parameter count, equal CPU training time.
+"""quality-vs-stateless: RxT against stateless Llamas of the same and of twice its parameter count, equal CPU time.
 
-Both models learn the embedded multi-turn data (fact-recall conversations, :mod:`trainers.synthetic_data`) for
+All models learn the embedded multi-turn data (fact-recall conversations, :mod:`trainers.synthetic_data`) for
 the same wall-clock CPU budget, one after the other in this process, then are scored on the same test split:
 
 - **RxT** reads one interaction ``[BOS][Q] q [A] a [EOS]`` at a time plus its fixed-size Short-Term Memory.
@@ -15,9 +15,10 @@ the same wall-clock CPU budget, one after the other in this process, then are sc
     from ``run_summary.json`` next to it (``train_minutes``, the whole recipe) or, failing that, from the stage
     runtimes in ``rxt_training_history.json``. Only the Llama is trained here, for that many minutes.
 
-- **Llama** (stateless): a ``LlamaForCausalLM`` with the RxT's hidden size, heads and vocabulary (same tokenizer),
-  depth and feed-forward width chosen so that its parameter count is as close as possible to the RxT's *total*
-  (encoder, memory attention and decoder). It is trained with a plain torch loop (AdamW, warmup + cosine over
+- **Llama** (stateless), one per entry of ``llama_sizes`` (default ``[1, 2]``: the RxT paper compares a 12M RxT
+  with a 22M stateless model): a ``LlamaForCausalLM`` with the RxT's hidden size, heads and vocabulary (same
+  tokenizer), depth and feed-forward width chosen so that its parameter count is as close as possible to
+  ``size x`` the RxT's *total* (encoder, memory attention and decoder). It is trained with a plain torch loop (AdamW, warmup + cosine over
   the time budget, the SMAT lr / batch / grad clipping) on whole conversations in its context:
   ``[BOS][Q] q1 [A] a1 [EOS][BOS][Q] q2 [A] a2 [EOS] ...``, loss on the answer tokens (and each ``[EOS]``) only,
   recall answers weighted by the recipe's ``recall_weight`` as in SMAT.
@@ -55,7 +56,7 @@ from .common import describe_llama, describe_rxt, llama_config_for
 
 NAME = "quality-vs-stateless"
 DESCRIPTION = (
-    "Answer perplexity and recall accuracy by distance of RxT vs a stateless Llama of the same parameter count "
+    "Answer perplexity and recall accuracy by distance of RxT vs stateless Llamas of 1x and 2x its parameter count "
     "(whole history in context), each trained on the embedded multi-turn data for the same CPU minutes."
 )
 DEFAULT_RECIPE = "recipes/default.yaml"
@@ -63,7 +64,8 @@ DEFAULTS = dict(
     recipe=DEFAULT_RECIPE,  # data, tokenizer, model, SMAT and evaluation settings (relative paths: repo root)
     rxt_model=None,  # folder of a trained RxT: train only the Llama, for the time the recipe took
     minutes=7.0,  # CPU budget per model (from scratch; keeps `rxt bench all` under 25 minutes); with rxt_model, only when no training time is recorded
-    llama_minutes=None,  # override the Llama's budget (None: the RxT's training minutes)
+    llama_minutes=None,  # override each Llama's budget (None: the RxT's training minutes)
+    llama_sizes=(1.0, 2.0),  # the Llamas' parameter counts as multiples of the RxT's total
     rxt_minutes_source="run_summary",  # with rxt_model: "run_summary" (whole recipe) or "stages" (sum of stage runtimes)
     num_conversations=None,  # None: the recipe's data settings
     num_turns=None,
@@ -567,6 +569,22 @@ def train_rxt_from_scratch(model, tokenizer, settings: dict, minutes: float, wor
 # the benchmark
 
 
+def _llama_sizes(value) -> list[float]:
+    """The `llama_sizes` option: a non-empty list of positive parameter-count multiples."""
+    sizes = [value] if isinstance(value, (int, float)) else value
+    try:
+        sizes = [float(size) for size in sizes]
+    except (TypeError, ValueError):
+        sizes = []
+    if not sizes or any(size <= 0 for size in sizes):
+        raise ValueError(f"llama_sizes={value!r}: give positive multiples of the RxT's parameter count, e.g. [1, 2].")
+    return sizes
+
+
+def _llama_name(size: float) -> str:
+    return f"{size:g}x"
+
+
 def _recall_at(accuracy: dict, distance: int) -> tuple[int | None, float | None]:
     """(distance used, accuracy): `distance` when measured, else the largest measured distance below it."""
     keys = sorted(int(d) for d in accuracy)
@@ -641,7 +659,16 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
             rxt.eval()
             rxt_total = sum(p.numel() for p in rxt.parameters())
 
-            # --- the stateless Llama: same parameter count, same tokenizer ------------------------------
+            # --- evaluation of the RxT -----------------------------------------------------------------------
+            with torch.no_grad():
+                eval_start = time.perf_counter()
+                rxt_eval = evaluate_memory(
+                    rxt, tokenizer, test_rows, max_new_tokens=settings["max_new_tokens"],
+                    batch_size=settings["eval_batch_size"], memory_from="generated", progress=False,
+                )
+                rxt_eval_s = time.perf_counter() - eval_start
+
+            # --- the stateless Llamas: 1x, 2x ... the RxT's parameter count, same tokenizer -------------------
             special = special_token_ids(tokenizer)
             train_conversations = [
                 encode_conversation(tokenizer, row, settings["interaction_max_length"], settings["recall_weight"])
@@ -656,40 +683,47 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
             )
             longest = max(max(len(ids) for ids, _ in train_conversations), longest_test)
             max_positions = max(256, int(math.ceil(longest / 64.0)) * 64)
-            llama_config = matched_llama_config(rxt.config, rxt_total, max_positions)
-            for key, value in special.items():
-                if key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                    setattr(llama_config, key, value)
-            torch.manual_seed(seed)
-            llama = LlamaForCausalLM(llama_config)
-            llama_total = sum(p.numel() for p in llama.parameters())
             llama_minutes = float(opts["llama_minutes"]) if opts["llama_minutes"] is not None else rxt_training["train_minutes"]
-            llama_training = train_llama(
-                llama, train_conversations, llama_minutes, settings["learning_rate"], settings["batch_size"],
-                special["pad_token_id"], seed=seed,
-            )
-
-            # --- evaluation ----------------------------------------------------------------------------
-            with torch.no_grad():
-                eval_start = time.perf_counter()
-                rxt_eval = evaluate_memory(
-                    rxt, tokenizer, test_rows, max_new_tokens=settings["max_new_tokens"],
-                    batch_size=settings["eval_batch_size"], memory_from="generated", progress=False,
+            llamas = []
+            for size in _llama_sizes(opts["llama_sizes"]):
+                llama_config = matched_llama_config(rxt.config, int(round(size * rxt_total)), max_positions)
+                for key, value in special.items():
+                    if key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                        setattr(llama_config, key, value)
+                torch.manual_seed(seed)
+                llama = LlamaForCausalLM(llama_config)
+                llama_training = train_llama(
+                    llama, train_conversations, llama_minutes, settings["learning_rate"], settings["batch_size"],
+                    special["pad_token_id"], seed=seed,
                 )
-                rxt_eval_s = time.perf_counter() - eval_start
-                eval_start = time.perf_counter()
-                llama_eval = evaluate_stateless(
-                    llama, tokenizer, test_rows, max_new_tokens=int(rxt_eval["max_new_tokens"]),
-                    batch_size=settings["eval_batch_size"], interaction_limit=int(rxt_eval["max_length"]),
-                )
-                llama_eval_s = time.perf_counter() - eval_start
+                with torch.no_grad():
+                    eval_start = time.perf_counter()
+                    llama_eval = evaluate_stateless(
+                        llama, tokenizer, test_rows, max_new_tokens=int(rxt_eval["max_new_tokens"]),
+                        batch_size=settings["eval_batch_size"], interaction_limit=int(rxt_eval["max_length"]),
+                    )
+                    llama_eval_s = time.perf_counter() - eval_start
+                llamas.append({
+                    "size": size,
+                    "parameters": sum(p.numel() for p in llama.parameters()),
+                    "config": describe_llama(llama),
+                    "training": {k: v for k, v in llama_training.items() if k != "log"},
+                    "training_log": llama_training["log"],
+                    "train_minutes": llama_training["train_minutes"],
+                    "steps": llama_training["steps"],
+                    "tokens": llama_training["tokens"],
+                    "budget_minutes": llama_minutes,
+                    "eval_s": llama_eval_s,
+                    **llama_eval,
+                })
+                del llama
 
             payload["config"]["rxt"] = describe_rxt(rxt, settings["preset"])
-            payload["config"]["llama"] = describe_llama(llama)
+            payload["config"]["llamas"] = [llama.pop("config") for llama in llamas]
             payload["config"]["parameters"] = {
                 "rxt": {**rxt.num_parameters_by_component(), "total": rxt_total},
-                "llama": {"total": llama_total},
-                "llama_over_rxt": llama_total / rxt_total,
+                "llamas": [{"size": llama["size"], "total": llama["parameters"],
+                            "over_rxt": llama["parameters"] / rxt_total} for llama in llamas],
             }
             rxt_keys = ("answer_loss", "answer_perplexity", "answer_perplexity_no_memory", "recall_accuracy",
                         "recall_accuracy_no_memory", "recall_count", "recall_accuracy_overall",
@@ -712,48 +746,46 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
                     "eval_s": rxt_eval_s,
                     **{key: rxt_eval.get(key) for key in rxt_keys},
                 },
-                "llama": {
-                    "parameters": llama_total,
-                    "training": {k: v for k, v in llama_training.items() if k != "log"},
-                    "training_log": llama_training["log"],
-                    "train_minutes": llama_training["train_minutes"],
-                    "steps": llama_training["steps"],
-                    "tokens": llama_training["tokens"],
-                    "budget_minutes": llama_minutes,
-                    "eval_s": llama_eval_s,
-                    **llama_eval,
-                },
-                "same_scored_answer_tokens": rxt_eval["num_answer_tokens"] == llama_eval["num_answer_tokens"],
+                "llamas": llamas,
+                "same_scored_answer_tokens": all(
+                    rxt_eval["num_answer_tokens"] == llama["num_answer_tokens"] for llama in llamas
+                ),
             }
 
-        # --- targets ------------------------------------------------------------------------------------
-        rxt_ppl, llama_ppl = rxt_eval["answer_perplexity"], llama_eval["answer_perplexity"]
+        # --- targets: the RxT against every Llama -------------------------------------------------------
+        rxt_ppl = rxt_eval["answer_perplexity"]
         distance, rxt_recall = _recall_at(rxt_eval["recall_accuracy"], TARGET_DISTANCE)
-        llama_distance, llama_recall = _recall_at(llama_eval["recall_accuracy"], distance or TARGET_DISTANCE)
-        if distance is None or llama_distance != distance:
-            distance, rxt_recall, llama_recall = TARGET_DISTANCE, 0.0, 0.0
+        if distance is None:
             notes.append(f"No recall turn at distance <= {TARGET_DISTANCE} in the test conversations: recall target not measurable.")
         elif distance != TARGET_DISTANCE:
             notes.append(f"No recall turn at distance {TARGET_DISTANCE} in the test conversations: the recall target uses distance {distance}.")
-        payload["targets"] = {
-            "rxt_perplexity_le_llama": timing.target(
-                "RxT answer perplexity <= the stateless Llama's (measured: RxT; goal: the Llama's), equal training minutes",
+        payload["targets"] = {}
+        for llama in llamas:
+            name, llama_ppl = _llama_name(llama["size"]), llama["answer_perplexity"]
+            llama_distance, llama_recall = _recall_at(llama["recall_accuracy"], distance or TARGET_DISTANCE)
+            rxt_at = rxt_recall
+            if distance is None or llama_distance != distance:
+                rxt_at, llama_recall = 0.0, 0.0
+            key = name.replace(".", "_")
+            payload["targets"][f"rxt_perplexity_le_llama_{key}"] = timing.target(
+                f"RxT answer perplexity <= the stateless Llama's of {name} its parameters (measured: RxT; goal: the "
+                "Llama's), equal training minutes",
                 float(rxt_ppl) if rxt_ppl is not None else math.inf,
                 float(llama_ppl) if llama_ppl is not None else math.inf,
                 "<=",
-            ),
-            f"rxt_recall_d{TARGET_DISTANCE}_gt_llama": timing.target(
-                f"RxT recall accuracy at distance {distance} > the stateless Llama's (measured: RxT; goal: the Llama's)",
-                rxt_recall,
+            )
+            payload["targets"][f"rxt_recall_d{TARGET_DISTANCE}_gt_llama_{key}"] = timing.target(
+                f"RxT recall accuracy at distance {distance or TARGET_DISTANCE} > the stateless Llama's of {name} its "
+                "parameters (measured: RxT; goal: the Llama's)",
+                rxt_at,
                 llama_recall,
                 ">",
-            ),
-        }
-        payload["results"]["target_distance"] = distance
+            )
+        payload["results"]["target_distance"] = distance or TARGET_DISTANCE
         notes.append(
-            "Same tokenizer, data and answer tokens for both; the Llama's hidden size, heads and vocabulary are the "
-            "RxT's, its depth and feed-forward width are chosen to match the RxT's total parameter count (encoder + "
-            "memory attention + decoder). Its lr follows warmup + cosine over its time budget."
+            "Same tokenizer, data and answer tokens for all models; each Llama's hidden size, heads and vocabulary are "
+            "the RxT's, its depth and feed-forward width are chosen to match its multiple of the RxT's total parameter "
+            "count (encoder + memory attention + decoder). Its lr follows warmup + cosine over its time budget."
         )
         if plot:
             _plot(payload, output_dir)
@@ -763,7 +795,7 @@ def run(smoke: bool = False, output_dir=None, threads: int | None = None, seed: 
 
 
 def _plot(payload: dict, output_dir) -> None:
-    """Grouped bars of recall accuracy by distance: RxT, RxT without memory (control), stateless Llama."""
+    """Grouped bars of recall accuracy by distance: RxT, RxT without memory (control), each stateless Llama."""
     if not timing.have_matplotlib():
         print(timing.MATPLOTLIB_MISSING)
         return
@@ -773,12 +805,14 @@ def _plot(payload: dict, output_dir) -> None:
     import matplotlib.pyplot as plt
 
     results = payload["results"]
-    rxt, llama = results["rxt"], results["llama"]
+    rxt = results["rxt"]
     series = {
         f"RxT ({rxt['parameters'] / 1e6:.2f}M params, STM)": rxt["recall_accuracy"],
         "RxT, memory reset every turn (control)": rxt["recall_accuracy_no_memory"],
-        f"Llama ({llama['parameters'] / 1e6:.2f}M params, history in context)": llama["recall_accuracy"],
     }
+    for llama in results["llamas"]:
+        label = f"Llama {_llama_name(llama['size'])} ({llama['parameters'] / 1e6:.2f}M params, history in context)"
+        series[label] = llama["recall_accuracy"]
     distances = sorted({int(d) for values in series.values() for d in (values or {})})
     figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
     width = 0.8 / len(series)
@@ -790,7 +824,8 @@ def _plot(payload: dict, output_dir) -> None:
     axes.set_xlabel("recall distance (turns back)")
     axes.set_ylabel("recall accuracy (%)")
     axes.set_ylim(0, 105)
-    subtitle = (f"{rxt['train_minutes']:.1f} vs {llama['train_minutes']:.1f} training minutes; "
+    llama_minutes = " / ".join(f"{llama['train_minutes']:.1f}" for llama in results["llamas"])
+    subtitle = (f"{rxt['train_minutes']:.1f} vs {llama_minutes} training minutes; "
                 + timing.machine_subtitle(payload["machine"]))
     axes.set_title(f"Recall accuracy by distance, test split\n{subtitle}", fontsize=10)
     axes.grid(True, axis="y", alpha=0.3)

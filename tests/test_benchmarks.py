@@ -382,26 +382,40 @@ def test_quality_vs_stateless_smoke(tmp_path):
     assert PAYLOAD_KEYS <= set(written) and written["smoke"] is True
     results = payload["results"]
     assert results["mode"] == "from-scratch-smat"
-    rxt, llama = results["rxt"], results["llama"]
-    # same parameter count (within a few percent), both reported
+    rxt, llamas = results["rxt"], results["llamas"]
+    # one Llama of the RxT's parameter count and one of twice it (within a few percent), all reported
+    assert [llama["size"] for llama in llamas] == [1.0, 2.0]
     assert rxt["parameters"] == payload["config"]["parameters"]["rxt"]["total"]
-    assert llama["parameters"] == payload["config"]["parameters"]["llama"]["total"]
-    assert 0.9 < llama["parameters"] / rxt["parameters"] < 1.1
-    assert payload["config"]["llama"]["hidden_size"] == payload["config"]["rxt"]["hidden_size"]
-    for record in (rxt, llama):
+    for llama, counted, config in zip(llamas, payload["config"]["parameters"]["llamas"], payload["config"]["llamas"]):
+        assert llama["parameters"] == counted["total"]
+        assert 0.9 < llama["parameters"] / (llama["size"] * rxt["parameters"]) < 1.1
+        assert config["hidden_size"] == payload["config"]["rxt"]["hidden_size"]
+    assert llamas[1]["parameters"] > 1.8 * llamas[0]["parameters"]
+    for record in (rxt, *llamas):
         assert record["train_minutes"] > 0 and record["steps"] >= 1 and record["tokens"] > 0
         assert record["answer_perplexity"] >= 1.0
         assert set(record["recall_accuracy"]) == set(record["recall_count"])
         assert all(0.0 <= v <= 1.0 for v in record["recall_accuracy"].values())
-    assert llama["budget_minutes"] == rxt["train_minutes"]  # the Llama gets the RxT's training time
-    # both models are scored on exactly the same answer tokens and the same recall turns
+    for llama in llamas:
+        assert llama["budget_minutes"] == rxt["train_minutes"]  # each Llama gets the RxT's training time
+        assert rxt["recall_count"] == llama["recall_count"]  # scored on the same recall turns
+    # all models are scored on exactly the same answer tokens
     assert results["same_scored_answer_tokens"] is True
-    assert rxt["recall_count"] == llama["recall_count"]
-    assert len(payload["targets"]) == 2
+    assert set(payload["targets"]) == {"rxt_perplexity_le_llama_1x", "rxt_recall_d3_gt_llama_1x",
+                                       "rxt_perplexity_le_llama_2x", "rxt_recall_d3_gt_llama_2x"}
     for row in written["targets"].values():
         assert TARGET_KEYS <= set(row) and isinstance(row["met"], bool)
     if timing.have_matplotlib():
         assert written["plots"] and (tmp_path / "quality-vs-stateless.png").exists()
+
+
+def test_quality_vs_stateless_refuses_bad_llama_sizes():
+    from rxt_hf.benchmarks.quality_vs_stateless import _llama_sizes
+
+    assert _llama_sizes([1, 2]) == [1.0, 2.0] and _llama_sizes(2) == [2.0]
+    for bad in ([], [0], [-1, 2], "two"):
+        with pytest.raises(ValueError, match="llama_sizes"):
+            _llama_sizes(bad)
 
 
 def test_quality_vs_stateless_llama_matches_the_rxt_parameter_count():
