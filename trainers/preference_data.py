@@ -38,7 +38,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .synthetic_data import _WORLD_QA, SyntheticWorld, _split_counts, generate_conversations
+from .synthetic_data import WORLD_QA, SyntheticWorld, generate_conversations, split_counts
 
 __all__ = [
     "PREFERENCE_COLUMNS",
@@ -133,7 +133,7 @@ def _other_answer(world_answers: Sequence[str], answer: str, rng: random.Random)
 
 def _preference_turns(conversation: dict, world: SyntheticWorld, rng: random.Random,
                       kind_weights: dict[str, float]) -> list[dict]:
-    world_answers = [a for _, a in _WORLD_QA]  # off-topic answers for "unhelpful"
+    world_answers = [a for _, a in WORLD_QA]  # off-topic answers for "unhelpful"
     turns = conversation["interactions"]
     # values stated anywhere in the conversation (recall answers): confusable wrong values for "contradicts"
     stated = [" ".join(t["answer_keywords"]) for t in turns if t["turn_type"] == "recall"]
@@ -212,7 +212,7 @@ def build_preference_dataset(num_conversations: int = 2000, num_turns: int | tup
     # the same split as build_synthetic_dataset (same shuffle seed and counts)
     order = list(range(len(rows)))
     random.Random(int(seed) * 7_919 + 17).shuffle(order)
-    counts = _split_counts(len(rows), split_fractions)
+    counts = split_counts(len(rows), split_fractions)
     bounds = [0, counts[0], counts[0] + counts[1], len(rows)]
     out = {}
     for j, name in enumerate(("train", "validation", "test")):

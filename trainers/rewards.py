@@ -67,14 +67,14 @@ MEMORY_TEXT_KEYS = ("memory",)
 # --------------------------------------------------------------------------------------------------
 
 
-def _completion_text(completion: Any) -> str:
+def completion_text(completion: Any) -> str:
     """Text of a completion: a string, or a conversational list of messages (the assistant's content)."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, Mapping):
         return str(completion.get("content", ""))
     if isinstance(completion, Sequence):
-        return " ".join(_completion_text(m) for m in completion)
+        return " ".join(completion_text(m) for m in completion)
     return str(completion)
 
 
@@ -153,15 +153,15 @@ def _sequences(
             raise KeyError(f"'{id_key}' needs `completion_ids` (or provide a text column: {', '.join(text_keys)})")
         values = list(kwargs[text_found])
     vocab = _WordVocab()
-    cands = [vocab(_completion_text(c)) for c in completions]
+    cands = [vocab(completion_text(c)) for c in completions]
     targets = []
     for v in values:
         if v is None:
             targets.append(None)
         elif isinstance(v, str) or not multi:
-            targets.append([vocab(_completion_text(v))])
+            targets.append([vocab(completion_text(v))])
         else:
-            targets.append([vocab(_completion_text(s)) for s in v])
+            targets.append([vocab(completion_text(s)) for s in v])
     return cands, targets
 
 
@@ -353,7 +353,7 @@ def keyword_recall_reward(prompts, completions, answer_keywords=None, **kwargs) 
         if not keywords:
             out.append(None)
             continue
-        text = _completion_text(completion)
+        text = completion_text(completion)
         out.append(sum(keywords_match(text, [k]) for k in keywords) / len(keywords))
     return out
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from .mrl_trainer import MRLConfig, MRLTrainer
 from .preference_data import preference_to_multi_turn
-from .rewards import _completion_text
+from .rewards import completion_text
 
 __all__ = ["RewardModelReward", "RxRLHFOnlineConfig", "RxRLHFOnlineTrainer"]
 
@@ -84,11 +84,11 @@ class RewardModelReward:
 
     def texts(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[str]:
         """The reward model's input text of every completion."""
-        queries = kwargs.get("query") or [_completion_text(p) for p in prompts]
+        queries = kwargs.get("query") or [completion_text(p) for p in prompts]
         memories = kwargs.get("memory") if self.with_memory else None
         memories = memories or [None] * len(completions)
         return [
-            self.template.format(memory=m or "", query=q, completion=_completion_text(c)).strip()
+            self.template.format(memory=m or "", query=q, completion=completion_text(c)).strip()
             for q, c, m in zip(queries, completions, memories)
         ]
 

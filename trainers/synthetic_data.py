@@ -139,7 +139,7 @@ _ACKNOWLEDGEMENTS = (
 )
 
 # Memory-free world knowledge (query, answer).
-_WORLD_QA = (
+WORLD_QA = (
     ("What colour is the sky on a clear day?", "The sky is blue on a clear day."),
     ("What colour is fresh grass?", "Fresh grass is green."),
     ("What colour is snow?", "Snow is white."),
@@ -326,7 +326,7 @@ class SyntheticWorld:
         rng = rng or self.rng
         r = rng.random()
         if r < 0.45:
-            return rng.choice(_WORLD_QA)
+            return rng.choice(WORLD_QA)
         if r < 0.7:
             a, b = rng.randint(1, 20), rng.randint(1, 20)
             return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
@@ -336,7 +336,7 @@ class SyntheticWorld:
 def _template_words() -> set[str]:
     """Every word of the fixed templates (used to keep person names distinct from them)."""
     texts: list[str] = list(_ACKNOWLEDGEMENTS)
-    for qa in (*_WORLD_QA, *_SMALL_TALK):
+    for qa in (*WORLD_QA, *_SMALL_TALK):
         texts.extend(qa)
     for group in (_PLANT_TEMPLATES, _ASK_TEMPLATES):
         for ts in group.values():
@@ -524,7 +524,7 @@ def story_for_conversation(facts: Sequence[dict], world: SyntheticWorld,
     for fact in facts:
         parts.append(_fill(_STORY_FACTS[fact["kind"]], {"hero": hero, **fact["slots"]}))
     if rng.random() < 0.5:  # a line of world knowledge
-        parts.append(rng.choice(_WORLD_QA)[1])
+        parts.append(rng.choice(WORLD_QA)[1])
     parts.append(_fill(rng.choice(_STORY_CLOSINGS), {"hero": hero, "town": town}))
     return " ".join(parts)
 
@@ -543,7 +543,8 @@ def conversation_to_text(conversation: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
+def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Rows of `n` for train / validation / test from three `fractions` (normalised); train takes the remainder."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
         raise ValueError(
             f"split_fractions={tuple(fractions)!r} must be three non-negative numbers "
@@ -623,7 +624,7 @@ def build_synthetic_dataset(kind: str, num_conversations: int = 2000,
     stories = {conv["conversation_id"]: story for conv, story in pairs}
     order = list(range(len(convs)))
     random.Random(int(seed) * 7_919 + 17).shuffle(order)
-    counts = _split_counts(len(convs), split_fractions)
+    counts = split_counts(len(convs), split_fractions)
     bounds = [0, counts[0], counts[0] + counts[1], len(convs)]
     out = {}
     for j, name in enumerate(("train", "validation", "test")):
