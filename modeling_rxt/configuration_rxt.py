@@ -385,8 +385,6 @@ class RxTConfig(PreTrainedConfig):
             if not is_number or value < minimum or value == minimum and above:
                 bad(f"{key}={value!r} must be a number {'>' if above else '>='} {minimum} for rope_type={rope_type!r}.")
 
-        if not isinstance(params, dict):
-            bad('use a dict such as {"rope_type": "default", "rope_theta": 10000.0}.')
         rope_type = params.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             bad(f"rope_type={rope_type!r} is not supported by RxT: choose one of {ROPE_TYPES}.")
