@@ -31,6 +31,8 @@ STM_INIT_MODES = ("learned", "zeros", "normal")
 INIT_SCHEMES = ("fan_in", "normal")
 FEED_FORWARD_TYPES = ("moe", "dense")
 ATTENTION_ROLES = ("self_attention", "memory_cross_attention", "memory_attention")
+# rope types of `rope_parameters`: "default" (the original RoPE) and transformers' `ROPE_INIT_FUNCTIONS` with scaling
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 
 # Named architectures. "rxt-alpha-micro" follows the public RxT-Alpha Micro model card exactly.
 PRESETS: dict[str, dict] = {
@@ -126,6 +128,13 @@ class RxTConfig(PreTrainedConfig):
     max_position_embeddings: int = 256
     # RoPE in transformers' format: `{"rope_type": "default", "rope_theta": 10000.0}`. A top-level `rope_theta`
     # (argument, or a config.json saved before this field existed) is moved in here; `config.rope_theta` reads it.
+    # Context-extension scalings are transformers' own (`ROPE_INIT_FUNCTIONS`, computed for each attention role's
+    # head dim) with transformers' keys: "linear" and "dynamic" (`factor`), "yarn" (`factor`,
+    # `original_max_position_embeddings`, optional `attention_factor` / `beta_fast` / `beta_slow`), "llama3"
+    # (`factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`), "longrope"
+    # (`short_factor` / `long_factor`: head_dim / 2 numbers, so one head dim for all roles). Example:
+    # `{"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}` with
+    # `max_position_embeddings=1024`. Keys are checked by transformers' `validate_rope`, values by RxT.
     rope_parameters: dict | None = None
     rms_norm_eps: float = 1e-6
     # "fan_in": every Linear U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's own default) and a unit-variance
@@ -332,13 +341,7 @@ class RxTConfig(PreTrainedConfig):
             fail("memory_pre_attention_query_heads", query, f"use between 1 and memory_attention_heads={heads}.")
         if kv <= 0 or query % kv != 0:
             fail("memory_pre_attention_key_value_heads", kv, f"key/value heads must divide {query} query heads.")
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        if rope_type != "default":
-            fail(
-                "rope_parameters",
-                self.rope_parameters,
-                "only rope_type='default' (plain RoPE with rope_theta) is implemented; remove the scaling.",
-            )
+        self._validate_rope_parameters(fail)
         for field in ("layer_norm_eps", "memory_norm_eps"):
             if not getattr(self, field) > 0:
                 fail(field, getattr(self, field), "it must be a positive number.")
@@ -365,6 +368,61 @@ class RxTConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 fail(name, value, f"token ids must lie in [0, vocab_size={self.vocab_size}).")
+
+    def _validate_rope_parameters(self, fail):
+        """`rope_parameters`: a rope type RxT computes, the keys transformers requires for it (its own
+        `validate_rope`, which only warns about bad values) and values its RoPE functions can compute with."""
+        params = self.rope_parameters
+
+        def bad(reason):
+            fail("rope_parameters", params, reason)
+
+        def number(key, minimum, above=False, optional=False):
+            value = params.get(key)
+            if optional and value is None:
+                return
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or value < minimum or value == minimum and above:
+                bad(f"{key}={value!r} must be a number {'>' if above else '>='} {minimum} for rope_type={rope_type!r}.")
+
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            bad(f"rope_type={rope_type!r} is not supported by RxT: choose one of {ROPE_TYPES}.")
+        try:
+            self.validate_rope()  # transformers' check of the keys each rope type requires
+        except (KeyError, TypeError) as error:
+            bad(f"{error.args[0]}; add or fix them (transformers' `RopeParameters` lists each rope type's keys).")
+        number("rope_theta", 0, above=True)
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            bad("RxT rotates whole heads: remove partial_rotary_factor (or set it to 1.0).")
+        if rope_type == "default":
+            return
+        number("factor", 1, optional=rope_type in ("yarn", "longrope"))  # those two may derive it from the lengths
+        number("attention_factor", 0, above=True, optional=True)
+        if rope_type in ("yarn", "longrope", "llama3"):
+            original = params["original_max_position_embeddings"]
+            if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+                bad(f"original_max_position_embeddings={original!r} must be a positive integer.")
+        if rope_type == "llama3":
+            number("low_freq_factor", 0, above=True)
+            number("high_freq_factor", 0, above=True)
+            if params["high_freq_factor"] <= params["low_freq_factor"]:
+                bad("llama3 needs high_freq_factor > low_freq_factor.")
+        if rope_type == "longrope":  # one factor per rotated frequency, so every role must rotate as many
+            head_dims = sorted({self.hidden_size // heads for heads, _, _ in self.attention_heads().values()})
+            if len(head_dims) > 1:
+                bad(
+                    f"longrope needs one head dim in every attention role, got {head_dims}: give the roles the same "
+                    "number of heads (`*_attention_heads`) or choose another rope_type."
+                )
+            half = head_dims[0] // 2
+            for key in ("short_factor", "long_factor"):
+                factors = params[key]
+                if not isinstance(factors, list) or len(factors) != half:
+                    bad(f"{key} must be a list of head_dim / 2 = {half} numbers.")
+                for value in factors:
+                    if isinstance(value, bool) or not isinstance(value, (int, float)):
+                        bad(f"{key} must be a list of head_dim / 2 = {half} numbers.")
 
     @staticmethod
     def special_token_fields() -> tuple[str, ...]:

@@ -35,6 +35,7 @@ from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils import ModelOutput, can_return_tuple, logging
@@ -195,8 +196,9 @@ class RotaryTables:
         """`cos` and a signed `sin` [B, 1, T, hd]: the first half of `sin` negated (see :meth:`rotate`)."""
         key = (head_dim, dtype, device)
         if key not in self.tables:
-            inv_freq, attention_scaling = self.rotary_emb.rope_init_fn(self.rotary_emb.config, device, head_dim=head_dim)
-            freqs = self.position_ids.to(device=device, dtype=torch.float32)[..., None] * inv_freq  # [B, T, hd/2]
+            position_ids = self.position_ids.to(device)
+            inv_freq, attention_scaling = self.rotary_emb.inv_freq(head_dim, position_ids)  # [hd/2]
+            freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, T, hd/2]
             cos, sin = freqs.cos(), freqs.sin()
             if attention_scaling != 1.0:
                 cos, sin = cos * attention_scaling, sin * attention_scaling
@@ -212,11 +214,32 @@ class RotaryTables:
         return states * cos + states.roll(states.shape[-1] // 2, dims=-1) * signed_sin
 
 
-class RxTRotaryEmbedding(nn.Module):
-    """Rotary position embedding from `config.rope_parameters` (transformers' format; rope_type "default").
+class HeadDimView:
+    """The config as transformers' RoPE functions see it for one attention role: every attribute is the config's
+    except `head_dim`, which they read before falling back to `hidden_size // num_attention_heads`."""
 
-    Holds no buffer: calling it with position ids [B, T] returns their :class:`RotaryTables`, whose cos / sin are
-    computed per head dim from `compute_default_rope_parameters` (Llama's formula with the head dim of the role).
+    def __init__(self, config: RxTConfig, head_dim: int):
+        self.config = config
+        self.head_dim = head_dim
+
+    def __getattr__(self, name: str):
+        return getattr(self.config, name)
+
+
+class RxTRotaryEmbedding(nn.Module):
+    """Rotary position embedding from `config.rope_parameters` (transformers' format).
+
+    rope_type "default" is the original RoPE (`compute_default_rope_parameters`); "linear", "dynamic", "yarn",
+    "longrope" and "llama3" are transformers' own `ROPE_INIT_FUNCTIONS`, given the config with the role's head dim
+    (:class:`HeadDimView`). Holds no buffer: calling it with position ids [B, T] returns their
+    :class:`RotaryTables`; the inverse frequencies are kept in float32 per (head dim, device).
+
+    The two types that depend on the sequence length follow transformers' `dynamic_rope_update` without its state,
+    reading `seq_len = max(position_ids) + 1` of each call on the device (no host sync): "dynamic" uses the NTK base
+    recomputed for `seq_len` once it exceeds `max_position_embeddings` (the plain frequencies up to it); "longrope"
+    uses `long_factor` once `seq_len` exceeds `original_max_position_embeddings` (`short_factor` up to it). That is
+    Llama's rotary embedding whenever positions grow, as in generation; Llama also keeps a grown "dynamic" base for a
+    later, shorter call that still exceeds `max_position_embeddings`, where this recomputes for that call.
     """
 
     def __init__(self, config: RxTConfig):
@@ -224,17 +247,38 @@ class RxTRotaryEmbedding(nn.Module):
         self.config = config
         self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
         self.rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            self.rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        self.inv_freq_cache: dict[tuple, tuple[torch.Tensor, float]] = {}
 
     @staticmethod
-    def compute_default_rope_parameters(
-        config: RxTConfig, device: torch.device | None = None, head_dim: int | None = None
-    ) -> tuple[torch.Tensor, float]:
-        """Inverse frequencies of the original RoPE for `head_dim` (default: hidden_size / num_attention_heads) and
-        the cos / sin scaling (1.0: unused by this RoPE type)."""
+    def compute_default_rope_parameters(config: RxTConfig, device: torch.device | None = None, **kwargs):
+        """Inverse frequencies of the original RoPE for `config.head_dim` (default: hidden_size /
+        num_attention_heads) and the cos / sin scaling (1.0: unused by this RoPE type)."""
         base = config.rope_parameters["rope_theta"]
-        dim = head_dim or config.hidden_size // config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
         return inv_freq, 1.0
+
+    def cached(self, head_dim: int, device, **kwargs) -> tuple[torch.Tensor, float]:
+        key = (head_dim, device, tuple(kwargs.items()))
+        if key not in self.inv_freq_cache:
+            self.inv_freq_cache[key] = self.rope_init_fn(HeadDimView(self.config, head_dim), device, **kwargs)
+        return self.inv_freq_cache[key]
+
+    def inv_freq(self, head_dim: int, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies [hd/2] (float32) for the positions `position_ids` and the cos / sin scaling."""
+        device = position_ids.device
+        inv_freq, attention_scaling = self.cached(head_dim, device)
+        if self.rope_type == "dynamic":
+            seq_len = position_ids.max() + 1  # [] on the device
+            grown, _ = self.rope_init_fn(HeadDimView(self.config, head_dim), device, seq_len=seq_len)
+            inv_freq = torch.where(seq_len > self.config.max_position_embeddings, grown, inv_freq)
+        elif self.rope_type == "longrope":
+            original = self.config.rope_parameters["original_max_position_embeddings"]
+            long_inv_freq, _ = self.cached(head_dim, device, seq_len=original + 1)
+            inv_freq = torch.where(position_ids.max() + 1 > original, long_inv_freq, inv_freq)
+        return inv_freq, attention_scaling
 
     def forward(self, position_ids: torch.Tensor) -> RotaryTables:
         return RotaryTables(position_ids, self)

@@ -354,8 +354,8 @@ def test_rope_parameters_replace_the_top_level_rope_theta():
     assert tiny_config().rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
     reloaded = RxTConfig.from_dict(config.to_dict())
     assert reloaded.rope_parameters == config.rope_parameters
-    with pytest.raises(ValueError, match="rope_parameters"):
-        tiny_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="rope_parameters"):  # scaling types: tests/test_rope_scaling.py
+        tiny_config(rope_parameters={"rope_type": "ntk-by-parts", "factor": 2.0, "rope_theta": 10000.0})
     ids = random_ids(1, 8)
     logits = {theta: tiny_model(rope_theta=theta)(ids).logits for theta in (500.0, 10000.0)}
     assert not torch.allclose(logits[500.0], logits[10000.0])
