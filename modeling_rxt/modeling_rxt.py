@@ -1371,8 +1371,8 @@ class RxTModel(RxTPreTrainedModel):
             raise ValueError("Pass input_ids or inputs_embeds.")
         batch = reference.shape[0]
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        # a static cache's length is a tensor: checking it is a host read, which a compiled step skips (generate sizes
-        # a static cache to the prompt + max_new_tokens, and the eager prefill is checked)
+        # a static cache's length is a tensor: checking it is a host read, which a compiled step skips (the eager
+        # prefill is checked; a compiled step never writes past the static cache, sized by the caller)
         if not torch.compiler.is_compiling() and past_length + reference.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
                 f"The interaction has {int(past_length) + reference.shape[1]} tokens, more than max_position_embeddings="
@@ -1460,7 +1460,9 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     `generate(return_dict_in_generate=True, output_attentions=True)` collects `attentions` per step (transformers
     collects `cross_attentions` for encoder-decoder models only). Greedy, sampling, beam search, beam sampling,
     assisted and prompt-lookup decoding and `cache_implementation="static"` read `stm_state` and match the no-cache
-    reference (tests/test_hf_contract.py).
+    reference (tests/test_hf_contract.py). Beside a `StaticCache` the memory keys/values go to a static cache of
+    `stm_size` slots, and a one-token decoding step compiles as one graph (`torch.compile(model.forward,
+    fullgraph=True)`, dense and MoE decoders; `_can_compile_fullgraph`).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
