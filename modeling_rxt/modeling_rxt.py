@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -286,8 +286,8 @@ class RxTRotaryEmbedding(nn.Module):
 
 def positions_from_mask(attention_mask: torch.Tensor | None, length: int, past_length: int, device) -> torch.Tensor:
     """Position ids [B or 1, length] of the last `length` tokens; padding does not advance positions."""
-    if attention_mask is None:
-        return torch.arange(past_length, past_length + length, device=device)[None]
+    if attention_mask is None:  # `past_length` may be a tensor (a static cache): no host read, compile-safe
+        return (torch.arange(length, device=device) + past_length)[None]
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -length:]
 
@@ -1044,7 +1044,9 @@ class RxTPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
-    _can_compile_fullgraph = False
+    # a decoding step with a static cache compiles as one graph (`torch.compile(fullgraph=True)`): the memory keys /
+    # values sit in a static cache of `stm_size` slots beside it (`RxTModel.memory_cache_for`), nothing reads the host
+    _can_compile_fullgraph = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (safetensors), config, and `auto_map` entries for every Auto class with the modeling files,
@@ -1233,14 +1235,26 @@ class RxTModel(RxTPreTrainedModel):
 
     # --- decoding -----------------------------------------------------------------------------------
 
+    def memory_cache_for(self, self_attention_cache: Cache) -> Cache:
+        """An empty cache for the memory keys/values next to `self_attention_cache`: a `StaticCache` of `stm_size`
+        slots beside a compileable (static) cache, so a compiled decoding step reads fixed-address tensors (as
+        Whisper / BART pair two static caches), else a `DynamicCache`."""
+        if self_attention_cache.is_compileable:
+            return StaticCache(config=self.config, max_cache_len=self.config.stm_size)
+        return DynamicCache(config=self.config)
+
     def follow_memory(self, cache: EncoderDecoderCache, stm_state: torch.Tensor | None) -> None:
         """Keep the cached memory keys/values those of `stm_state`: a cache filled from another STM tensor (an
         identity check, no device sync) drops them, so this step re-projects the new memory. No `stm_state` keeps the
-        cached memory (a fresh one otherwise)."""
+        cached memory (a fresh one otherwise). A static memory cache is emptied in place (its tensors keep their
+        addresses for compiled steps)."""
         if stm_state is None or getattr(cache, "rxt_stm_state", None) is stm_state:
             return
         if cache.is_updated:
-            cache.cross_attention_cache = DynamicCache(config=self.config)
+            if cache.cross_attention_cache.is_compileable:
+                cache.cross_attention_cache.reset()
+            else:
+                cache.cross_attention_cache = DynamicCache(config=self.config)
             cache.is_updated = {}
         cache.rxt_stm_state = stm_state
 
@@ -1357,9 +1371,11 @@ class RxTModel(RxTPreTrainedModel):
             raise ValueError("Pass input_ids or inputs_embeds.")
         batch = reference.shape[0]
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_length + reference.shape[1] > self.config.max_position_embeddings:
+        # a static cache's length is a tensor: checking it is a host read, which a compiled step skips (the eager
+        # prefill is checked; a compiled step never writes past the static cache, sized by the caller)
+        if not torch.compiler.is_compiling() and past_length + reference.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
-                f"The interaction has {past_length + reference.shape[1]} tokens, more than max_position_embeddings="
+                f"The interaction has {int(past_length) + reference.shape[1]} tokens, more than max_position_embeddings="
                 f"{self.config.max_position_embeddings}; shorten the query or lower max_new_tokens."
             )
         given_stm_state = stm_state
@@ -1369,7 +1385,7 @@ class RxTModel(RxTPreTrainedModel):
             if past_key_values is None:
                 past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
             elif not isinstance(past_key_values, EncoderDecoderCache):
-                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
+                past_key_values = EncoderDecoderCache(past_key_values, self.memory_cache_for(past_key_values))
             self.follow_memory(past_key_values, given_stm_state)
         else:
             past_key_values = None
@@ -1444,7 +1460,9 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     `generate(return_dict_in_generate=True, output_attentions=True)` collects `attentions` per step (transformers
     collects `cross_attentions` for encoder-decoder models only). Greedy, sampling, beam search, beam sampling,
     assisted and prompt-lookup decoding and `cache_implementation="static"` read `stm_state` and match the no-cache
-    reference (tests/test_hf_contract.py).
+    reference (tests/test_hf_contract.py). Beside a `StaticCache` the memory keys/values go to a static cache of
+    `stm_size` slots, and a one-token decoding step compiles as one graph (`torch.compile(model.forward,
+    fullgraph=True)`, dense and MoE decoders; `_can_compile_fullgraph`).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}

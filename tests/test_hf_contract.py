@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM, RxTModel, output_cache
+from transformers.cache_utils import StaticCache
 from transformers.generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 BATCH, LENGTH, NEW = 2, 7, 5
@@ -284,12 +285,66 @@ def test_no_split_modules_name_real_layer_classes():
     assert set(RxTForCausalLM._no_split_modules) <= classes
 
 
-def test_compile_and_attention_backend_flags_stay_off():
-    # a static-cache generate would compile the decode step with `_can_compile_fullgraph`; the memory cross-attention
-    # cache (an EncoderDecoderCache built inside forward) is not compile-safe yet, and packed sequences through
-    # `position_ids` (`_supports_attention_backend`) are not handled by the memory masks
-    assert RxTForCausalLM._can_compile_fullgraph is False
+def test_attention_backend_flag_stays_off():
+    # packed sequences through `position_ids` (`_supports_attention_backend`) are not handled by the memory masks
     assert RxTForCausalLM._supports_attention_backend is False
+
+
+# --- static cache and a full-graph compiled decoding step -------------------------------------------------
+
+
+def compiled_static_greedy(model, ids, stm, steps, with_mask):
+    """Greedy decoding as `generate` runs it with a static cache: an eager prefill into a `StaticCache` (the model pairs
+    it with a static memory cache of `stm_size` slots), then every one-token step through
+    `torch.compile(model.forward, fullgraph=True)`, which raises on any graph break. The "eager" backend runs the
+    captured graph with torch's own kernels, so the tokens can be compared exactly."""
+    torch.compiler.reset()
+    step = torch.compile(model.forward, fullgraph=True, backend="eager")
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps)
+    mask = torch.ones_like(ids) if with_mask else None
+    with torch.no_grad():
+        out = model(ids, stm_state=stm, attention_mask=mask, past_key_values=cache, use_cache=True)
+        for index in range(steps):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, token], dim=1)
+            if index == steps - 1:
+                break
+            if with_mask:
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = step(token, stm_state=stm, attention_mask=mask, past_key_values=output_cache(out), use_cache=True)
+    return ids, output_cache(out)
+
+
+@pytest.mark.parametrize("feed_forward", ["dense", "moe"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no_mask", "mask"])
+def test_compiled_static_decoding_step_equals_the_reference_loop(feed_forward, with_mask):
+    assert RxTForCausalLM._can_compile_fullgraph
+    model = tiny_model(decoder_feed_forward=feed_forward)
+    ids, stm = inputs(model)
+    result, cache = compiled_static_greedy(model, ids, stm, NEW, with_mask)
+    assert torch.equal(result, greedy_reference(model, ids, stm, NEW))
+    assert isinstance(cache.self_attention_cache, StaticCache) and isinstance(cache.cross_attention_cache, StaticCache)
+    assert tuple(cache.cross_attention_cache.layers[0].keys.shape)[2] == model.config.stm_size
+
+
+def test_a_new_stm_state_over_a_static_cache_is_re_projected_in_place():
+    model = tiny_model()
+    ids, stm = inputs(model)
+    other = stm.flip(0) * -1.0
+
+    def last_step(cache, memory):
+        with torch.no_grad():
+            filled = output_cache(model(ids[:, :-1], stm_state=stm, past_key_values=cache, use_cache=True))
+            memory_keys = filled.cross_attention_cache.layers[0].keys
+            logits = model(ids[:, -1:], stm_state=memory, past_key_values=filled).logits
+        return logits, filled.cross_attention_cache.layers[0].keys is memory_keys
+
+    static_other, same_address = last_step(StaticCache(config=model.config, max_cache_len=LENGTH), other)
+    dynamic_other, _ = last_step(None, other)  # the dynamic path, tested above against a fresh memory cache
+    static_same, _ = last_step(StaticCache(config=model.config, max_cache_len=LENGTH), stm)
+    assert same_address  # emptied and refilled in place: compiled steps keep reading the same tensors
+    assert torch.allclose(static_other, dynamic_other, atol=1e-5)
+    assert not torch.allclose(static_other, static_same)
 
 
 # --- modes transformers itself refuses here ---------------------------------------------------------------
