@@ -943,6 +943,7 @@ class RxTDecoder(nn.Module):
             inputs_embeds,
             attention_mask,
             getattr(past_key_values, "self_attention_cache", past_key_values),
+            position_ids=position_ids,  # packed rows (positions restart, no mask, no cache) get a block-causal mask
             allow_is_causal_skip=length > 1,
         )
         memory_mask = padding_mask_for(self.config, inputs_embeds, memory_attention_mask, memory[:, 0])
@@ -1042,8 +1043,10 @@ class RxTPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = False
+    _supports_flex_attn = False  # flex attention is not implemented or tested here (see docs on issue 21)
+    # packed rows through `position_ids` (block-causal self-attention; every sequence in a row reads that row's STM)
+    # and attention functions registered with transformers' AttentionInterface (called like transformers' own)
+    _supports_attention_backend = True
     _can_compile_fullgraph = False
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -286,10 +286,10 @@ def test_no_split_modules_name_real_layer_classes():
 
 def test_compile_and_attention_backend_flags_stay_off():
     # a static-cache generate would compile the decode step with `_can_compile_fullgraph`; the memory cross-attention
-    # cache (an EncoderDecoderCache built inside forward) is not compile-safe yet, and packed sequences through
-    # `position_ids` (`_supports_attention_backend`) are not handled by the memory masks
+    # cache (an EncoderDecoderCache built inside forward) is not compile-safe yet. `_supports_attention_backend` is on:
+    # packed rows and custom attention functions are tested against padded batches / sdpa in test_packed_sequences.py
     assert RxTForCausalLM._can_compile_fullgraph is False
-    assert RxTForCausalLM._supports_attention_backend is False
+    assert RxTForCausalLM._supports_attention_backend is True
 
 
 # --- modes transformers itself refuses here ---------------------------------------------------------------
