@@ -1043,7 +1043,8 @@ class RxTPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False  # flex attention is not implemented or tested here (see docs on issue 21)
+    # flex attention runs on CPU (torch.compile'd) but its decoder logits differ from eager, with NaN rows: off until fixed
+    _supports_flex_attn = False
     # packed rows through `position_ids` (block-causal self-attention; every sequence in a row reads that row's STM)
     # and attention functions registered with transformers' AttentionInterface (called like transformers' own)
     _supports_attention_backend = True
@@ -1448,6 +1449,13 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     collects `cross_attentions` for encoder-decoder models only). Greedy, sampling, beam search, beam sampling,
     assisted and prompt-lookup decoding and `cache_implementation="static"` read `stm_state` and match the no-cache
     reference (tests/test_hf_contract.py).
+
+    Packed sequences: several sequences in one row with `position_ids` restarting at 0 for each, no
+    `attention_mask` and `use_cache=False` get transformers' block-causal self-attention mask; each token's logits
+    equal the padded batch's. The memory is per batch row, so every sequence packed into a row reads that row's STM
+    (tests/test_packed_sequences.py). Attention functions registered with transformers' `AttentionInterface` are
+    called like transformers' own (`dropout`, `scaling`, `is_causal`; the module has `layer_idx`,
+    `num_key_value_groups`, `is_causal`).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
