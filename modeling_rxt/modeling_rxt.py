@@ -1043,7 +1043,9 @@ class RxTPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    # flex attention runs on CPU (torch.compile'd) but its decoder logits differ from eager, with NaN rows: off until fixed
+    # flex attention stays off: transformers always calls torch.compile(flex_attention); on CPU (torch 2.13) that gives
+    # NaN / wrong outputs for the memory cross-attention's shapes (q [2, 4, 7, 8], GQA k/v [2, 2, 8, 8]) where the
+    # uncompiled flex_attention equals sdpa. The encoder's self-attention matched eager.
     _supports_flex_attn = False
     # packed rows through `position_ids` (block-causal self-attention; every sequence in a row reads that row's STM)
     # and attention functions registered with transformers' AttentionInterface (called like transformers' own)

@@ -273,8 +273,9 @@ def test_sdpa_flag_is_true_and_sdpa_matches_eager():
 
 
 def test_unsupported_backends_are_refused_by_transformers():
-    # flex attention with the flag forced on compiles and runs on CPU (torch 2.13, transformers 5.23), and the encoder
-    # matches eager, but the decoder's logits differ from eager (0.3 on the first token, NaN rows): it stays refused
+    # flex attention with the flag forced on compiles and runs on CPU (torch 2.13, transformers 5.23) and the encoder
+    # matches eager, but compiled flex_attention returns NaN / wrong values for the memory cross-attention (decoder
+    # logits 0.3 off, NaN rows; uncompiled flex_attention is right): it stays refused
     assert not RxTForCausalLM._supports_flex_attn and not RxTForCausalLM._supports_flash_attn
     with pytest.raises(ValueError):
         tiny_model(attn_implementation="flex_attention")
