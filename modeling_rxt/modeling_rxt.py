@@ -943,6 +943,7 @@ class RxTDecoder(nn.Module):
             inputs_embeds,
             attention_mask,
             getattr(past_key_values, "self_attention_cache", past_key_values),
+            position_ids=position_ids,  # packed rows (positions restart, no mask, no cache) get a block-causal mask
             allow_is_causal_skip=length > 1,
         )
         memory_mask = padding_mask_for(self.config, inputs_embeds, memory_attention_mask, memory[:, 0])
@@ -1042,8 +1043,13 @@ class RxTPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
+    # flex attention stays off: transformers always calls torch.compile(flex_attention); on CPU (torch 2.13) that gives
+    # NaN / wrong outputs for the memory cross-attention's shapes (q [2, 4, 7, 8], GQA k/v [2, 2, 8, 8]) where the
+    # uncompiled flex_attention equals sdpa. The encoder's self-attention matched eager.
     _supports_flex_attn = False
-    _supports_attention_backend = False
+    # packed rows through `position_ids` (block-causal self-attention; every sequence in a row reads that row's STM)
+    # and attention functions registered with transformers' AttentionInterface (called like transformers' own)
+    _supports_attention_backend = True
     # a decoding step with a static cache compiles as one graph (`torch.compile(fullgraph=True)`): the memory keys /
     # values sit in a static cache of `stm_size` slots beside it (`RxTModel.memory_cache_for`), nothing reads the host
     _can_compile_fullgraph = True
@@ -1463,6 +1469,13 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     reference (tests/test_hf_contract.py). Beside a `StaticCache` the memory keys/values go to a static cache of
     `stm_size` slots, and a one-token decoding step compiles as one graph (`torch.compile(model.forward,
     fullgraph=True)`, dense and MoE decoders; `_can_compile_fullgraph`).
+
+    Packed sequences: several sequences in one row with `position_ids` restarting at 0 for each, no
+    `attention_mask` and `use_cache=False` get transformers' block-causal self-attention mask; each token's logits
+    equal the padded batch's. The memory is per batch row, so every sequence packed into a row reads that row's STM
+    (tests/test_packed_sequences.py). Attention functions registered with transformers' `AttentionInterface` are
+    called like transformers' own (`dropout`, `scaling`, `is_causal`; the module has `layer_idx`,
+    `num_key_value_groups`, `is_causal`).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
