@@ -31,6 +31,26 @@ def remote_env(tmp_path) -> dict[str, str]:
         "OMP_NUM_THREADS": str(torch.get_num_threads()),  # same kernels as this process: bit-identical logits
     }
 
+def run_two_cpu_processes(script, cwd, timeout: float):
+    """Run `script` on two CPU processes (gloo) with torchrun and return the finished process. `accelerate launch
+    --cpu --num_processes 2` needs mpirun for multi-CPU; without MPI the same Accelerate multi-CPU path is reached
+    through torchrun, which `accelerate launch --multi_gpu` itself wraps."""
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "ACCELERATE_USE_CPU": "true"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
 _NAMES = ["Ann", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana"]
 _THINGS = ["apple", "book", "cat", "dog", "kite", "lamp", "pen", "ship"]
 _COLOURS = ["red", "blue", "green", "yellow", "black", "white"]

@@ -14,12 +14,10 @@ Accelerate's `device_id=cpu` (docs/distributed.md).
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
+
+from conftest import run_two_cpu_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,21 +140,10 @@ accelerator.wait_for_everyone()
 """
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_fsdp2_smat_two_cpu_processes_full_state_dict(tmp_path):
     script = tmp_path / "fsdp_smat.py"
     script.write_text(textwrap.dedent(SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path))))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    result = run_two_cpu_processes(script, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "FSDP_OK 3" in result.stdout, result.stdout[-2000:]
     folder = tmp_path / "model"

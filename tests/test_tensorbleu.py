@@ -294,8 +294,8 @@ def test_packed_statistics_equal_rows(monkeypatch, wide):
 def test_cuda_matches_cpu():
     rng = random.Random(17)
     cands, refs = random_batch(rng, batch=32, max_refs=1)
-    c, _ = pad_sequences(cands, 0)
-    r, _ = pad_sequences([x[0] for x in refs], 0)
+    c, _ = pad_rows(cands, 0)
+    r, _ = pad_rows([x[0] for x in refs], 0)
     cl = torch.tensor([len(x) for x in cands])
     rl = torch.tensor([[len(x[0])] for x in refs])
     for smoothing in SMOOTHINGS:

@@ -2,15 +2,12 @@
 model folder + card, 2-process launch."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_two_cpu_processes
 
 from rxt_hf.modeling_rxt import RxTConfig, RxTForCausalLM
 from rxt_hf.modeling_rxt.tokenization_rxt import special_token_ids
@@ -176,12 +173,6 @@ def test_model_card_without_history(tiny_tokenizer):
     assert "No training stage recorded" in card and "Not evaluated" in card
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_launch(tmp_path):
     script = tmp_path / "train2.py"
     script.write_text(textwrap.dedent(f"""
@@ -211,14 +202,7 @@ def test_two_process_launch(tmp_path):
         if trainer.accelerator.is_main_process:
             print("TWO_PROCESS_OK", trainer.state.global_step)
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
-    # `accelerate launch --cpu --num_processes 2` needs mpirun for multi-CPU; without MPI the same Accelerate
-    # multi-CPU (gloo) path is reached through torchrun, which `accelerate launch --multi_gpu` itself wraps.
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    result = run_two_cpu_processes(script, cwd=tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "TWO_PROCESS_OK 3" in result.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
