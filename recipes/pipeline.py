@@ -10,6 +10,7 @@ final/                     the last stage's model, its card carrying the evaluat
 training_curves.png        every stage's loss (and reward) against the step, from the stages' log.jsonl
 evaluation.json / .md      `rxt eval` of the final model on the held-out test split
 evaluation.png             its recall by distance, with memory and without
+evaluation-long-range.*    the same on longer conversations (only with `evaluation.long_range` in the recipe)
 ```
 
 A stage starts from the previous stage's folder, so any stage can be (re)run alone once its
@@ -223,6 +224,17 @@ def report_preferences(stage: StageSpec, folder: Path, count: int, before: dict 
         + format_preference_table(before, after))
 
 
+def select_stages(recipe: Recipe, stages: list[str] | None = None, from_stage: str | None = None) -> list[StageSpec]:
+    """The stages to run: `stages` by name (optional ones too), else from `from_stage` on (that stage and the later
+    main-job stages), else the main job (every stage not marked `optional`)."""
+    if stages:
+        return [recipe.stage(name) for name in stages]
+    if from_stage is not None:
+        start = recipe.stage(from_stage)
+        return [stage for stage in recipe.stages[recipe.stages.index(start):] if not stage.optional or stage is start]
+    return [stage for stage in recipe.stages if not stage.optional]
+
+
 def run_recipe(
     recipe: Recipe,
     output_dir: str | None = None,
@@ -231,15 +243,12 @@ def run_recipe(
     resume: bool = False,
     evaluate: bool = True,
 ) -> dict:
-    """Run the recipe's stages (all, `stages`, or from `from_stage` on) and evaluate the final model."""
+    """Run the recipe's stages (the main job: every stage not marked `optional`; `stages` by name; or from
+    `from_stage` on, that stage included) and evaluate the final model."""
     output_dir = Path(output_dir or recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    selected = list(recipe.stages)
-    if from_stage is not None:
-        selected = selected[recipe.stages.index(recipe.stage(from_stage)) :]
-    if stages:
-        selected = [recipe.stage(name) for name in stages]
+    selected = select_stages(recipe, stages, from_stage)
 
     check_data(recipe, selected, evaluate)
     tokenizer = prepare_tokenizer(recipe, output_dir)
@@ -270,8 +279,13 @@ def run_recipe(
     result = {"output_dir": str(output_dir), "final_model": str(final), "train_minutes": (time.time() - started) / 60}
     draw(plot_training_curves, output_dir)
     if evaluate:
-        evaluation = evaluate_recipe_model(recipe, final)
-        result["evaluation"] = evaluation
+        result["evaluation"] = evaluate_recipe_model(recipe, final)
+        long_range = recipe.long_range_evaluation_data()
+        if long_range is not None:
+            settings = {**recipe.evaluation, **{k: long_range[k] for k in ("num_turns", "seed") if k in long_range}}
+            result["evaluation_long_range"] = evaluate_model(
+                final, long_range, settings, recipe.seed, output_dir / "evaluation-long-range.json", model_card=False
+            )
     result["total_minutes"] = (time.time() - started) / 60
     (output_dir / "run_summary.json").write_text(json.dumps(result, indent=2, default=str))
     log(f"done in {result['total_minutes']:.1f} minutes; final model in {final}")
@@ -286,10 +300,11 @@ def evaluate_recipe_model(recipe: Recipe, folder: Path, output_json: Path | None
 
 
 def evaluate_model(
-    folder: Path, data: dict | None = None, settings: dict | None = None, seed: int = 0, output_json: Path | None = None
+    folder: Path, data: dict | None = None, settings: dict | None = None, seed: int = 0, output_json: Path | None = None,
+    model_card: bool = True,
 ) -> dict:
-    """Evaluate a saved model on the held-out test split (embedded data by default); writes evaluation.json / .md
-    next to the model folder and puts the table into its model card."""
+    """Evaluate a saved model on the held-out test split (embedded data by default); writes evaluation.json / .md /
+    .png next to the model folder and (with `model_card`) puts the table into its model card."""
     from rxt_hf.trainers.model_card import write_model_card
     from rxt_hf.trainers.trainer_base import load_training_history
 
@@ -330,8 +345,9 @@ def evaluate_model(
     output_json.write_text(json.dumps(result, indent=2, default=str))
     output_json.with_suffix(".md").write_text(table + "\n")
     draw(plot_recall, result, output_json.with_suffix(".png"))
-    history = load_training_history(folder)
-    write_model_card(model, str(folder), history, result, data_description=describe_data(data, seed))
+    if model_card:
+        history = load_training_history(folder)
+        write_model_card(model, str(folder), history, result, data_description=describe_data(data, seed))
     return result
 
 

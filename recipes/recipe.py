@@ -19,7 +19,8 @@ stages:
   - {name: joint-lm-pretraining, trainer: joint-lm, config: {mode: pretraining, max_steps: 300}}
   - {name: smat, trainer: smat, data: {turn_datasets: [2, 3, 4, 6]}, config: {...}}
   - {name: sft, trainer: joint-lm, epochs: 2, config: {mode: sft}}   # epochs: max_steps from the data size
-evaluation: {num_conversations: 200, num_turns: 6, max_new_tokens: 24, data: {split...}, split: test}
+evaluation: {num_conversations: 200, num_turns: 6, max_new_tokens: 24, data: {split...}, split: test,
+             long_range: {num_turns: 10, max_recall_distance: 8}}   # optional second evaluation, longer conversations
 ```
 
 `load_recipe` checks everything (unknown keys, stage trainers, config fields and their types) before
@@ -74,9 +75,10 @@ TOP_LEVEL_KEYS = {"name", "output_dir", "seed", "data", "tokenizer", "model", "s
 TOKENIZER_KEYS = {"vocab_size", "min_frequency", "path", "num_texts"}
 MODEL_KEYS = {"preset", "overrides", "from_pretrained"}
 EVALUATION_KEYS = {
-    "num_conversations", "num_turns", "max_new_tokens", "batch_size", "memory_from", "split", "seed", "data"
+    "num_conversations", "num_turns", "max_new_tokens", "batch_size", "memory_from", "split", "seed", "data",
+    "long_range",
 }
-STAGE_KEYS = {"name", "trainer", "data", "config", "epochs"}
+STAGE_KEYS = {"name", "trainer", "data", "config", "epochs", "optional"}
 
 
 def recipe_error(where: str, value: Any, fix: str) -> ValueError:
@@ -90,6 +92,7 @@ class StageSpec:
     config: dict[str, Any]
     data: dict[str, Any]
     epochs: float | None = None  # passes over the training split; sets max_steps once the data is loaded
+    optional: bool = False  # not in the main job: runs only when named (`--stages NAME` / `--from-stage NAME`)
 
     @property
     def config_class(self):
@@ -144,6 +147,12 @@ class Recipe:
     def evaluation_data(self) -> dict[str, Any]:
         """The data the final evaluation reads: the recipe's ``data`` with ``evaluation.data`` on top."""
         return {**self.data, **(self.evaluation.get("data") or {})}
+
+    def long_range_evaluation_data(self) -> dict[str, Any] | None:
+        """The data of the second, long-range evaluation: `evaluation_data()` with `evaluation.long_range` on top
+        (e.g. `{num_turns: 10, max_recall_distance: 8}`); None when the recipe has none."""
+        long_range = self.evaluation.get("long_range")
+        return None if long_range is None else {**self.evaluation_data(), **long_range}
 
 
 def _check_keys(section: str, mapping: Any, allowed: set[str]) -> dict:
@@ -215,6 +224,20 @@ def _check_data(section: str, mapping: Any) -> dict:
     return data
 
 
+def _check_optional(name: str, entry: dict, earlier: list[StageSpec]) -> bool:
+    optional = entry.get("optional", False)
+    if not isinstance(optional, bool):
+        raise recipe_error(f"stages[{name}].optional", optional, "it must be true or false.")
+    if not optional and any(stage.optional for stage in earlier):
+        first = next(stage.name for stage in earlier if stage.optional)
+        raise recipe_error(
+            f"stages[{name}].optional", optional,
+            f"optional stages come after every stage of the main job: move {name!r} before {first!r} or mark it "
+            "optional too.",
+        )
+    return optional
+
+
 def _check_epochs(name: str, entry: dict) -> float | None:
     epochs = entry.get("epochs")
     if epochs is None:
@@ -245,6 +268,8 @@ def parse_recipe(raw: dict, path: str | None = None) -> Recipe:
     evaluation = _check_keys("evaluation", raw.get("evaluation"), EVALUATION_KEYS)
     if "data" in evaluation:
         evaluation["data"] = _check_data("evaluation.data", evaluation["data"])
+    if evaluation.get("long_range") is not None:
+        evaluation["long_range"] = _check_data("evaluation.long_range", evaluation["long_range"])
     if not model.get("preset") and not model.get("from_pretrained"):
         raise recipe_error("model", model, "give model.preset (e.g. rxt-alpha-micro) or model.from_pretrained (a folder).")
     if "path" not in tokenizer and not isinstance(tokenizer.get("vocab_size", 0), int):
@@ -271,6 +296,7 @@ def parse_recipe(raw: dict, path: str | None = None) -> Recipe:
             config=_check_keys(f"stages[{name}].config", entry.get("config"), set(entry.get("config") or {})),
             data=_check_data(f"stages[{name}].data", entry.get("data")),
             epochs=_check_epochs(name, entry),
+            optional=_check_optional(name, entry, stages),
         )
         check_stage_config(stage)
         turns = stage.data.get("turn_datasets")

@@ -38,7 +38,8 @@ TINY_RECIPE = {
                        "save_strategy": "no", "use_cpu": True, "disable_tqdm": True},
         },
     ],
-    "evaluation": {"num_conversations": 4, "num_turns": 3, "max_new_tokens": 4, "batch_size": 4},
+    "evaluation": {"num_conversations": 4, "num_turns": 3, "max_new_tokens": 4, "batch_size": 4,
+                   "long_range": {"num_turns": 4, "max_recall_distance": 3}},
 }
 
 
@@ -128,11 +129,15 @@ def test_tiny_recipe_end_to_end_restart_eval_and_chat(tmp_path, capsys, monkeypa
     # every stage logged its records (the TRL stage too), drawn into one picture; the evaluation has its own
     for folder in ("01-pretrain", "02-sft", "03-memory", "04-smat", "05-mrl"):
         assert (out / folder / "log.jsonl").is_file(), folder
-    for picture in ("training_curves.png", "evaluation.png"):
+    for picture in ("training_curves.png", "evaluation.png", "evaluation-long-range.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     summary = json.loads((out / "run_summary.json").read_text())
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert summary["final_model"].endswith("final") and "recall_accuracy" in evaluation
+    # the long-range evaluation plays the longer test conversations: 4 of 4 turns against 4 of 3
+    long_range = json.loads((out / "evaluation-long-range.json").read_text())
+    assert (evaluation["num_turns"], long_range["num_turns"]) == (12, 16)
+    assert summary["evaluation_long_range"]["num_turns"] == 16 and (out / "evaluation-long-range.md").is_file()
     card = (out / "final" / "README.md").read_text()
     for stage in ("pretrain", "sft", "memory", "smat", "mrl"):
         assert stage in card or stage.replace("pretrain", "pretraining") in card
@@ -176,6 +181,29 @@ def test_parse_recipe_reports_stage_lookup_errors():
         recipe.stage("nope")
 
 
+def test_optional_stages_run_only_when_named():
+    from rxt_hf.recipes.pipeline import select_stages
+
+    recipe = parse_recipe(with_changes(lambda r: r["stages"][-1].update(optional=True)))
+    names = lambda stages: [stage.name for stage in stages]  # noqa: E731
+    assert names(select_stages(recipe)) == ["pretrain", "sft", "memory", "smat"]  # the main job
+    assert names(select_stages(recipe, from_stage="memory")) == ["memory", "smat"]
+    assert names(select_stages(recipe, from_stage="mrl")) == ["mrl"]
+    assert names(select_stages(recipe, stages=["mrl"])) == ["mrl"]
+    # the default recipe's main job stops after stage 4; stage 5 is there by name
+    default = load_recipe("recipes/default.yaml")
+    assert names(select_stages(default))[-1] == "smat" and default.stage("mrl").optional
+    # an optional stage sits after the main job, and optional is a boolean
+    def optional_in_the_middle(r):
+        r["stages"][2]["optional"] = True
+    for change, message in [
+        (optional_in_the_middle, r"stages\[smat\].optional=False is invalid: optional stages come after every stage"),
+        (lambda r: r["stages"][-1].update(optional="yes"), r"stages\[mrl\].optional='yes' is invalid: it must be true"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_recipe(with_changes(change))
+
+
 def test_overrides_change_recipe_values_before_validation(tmp_path):
     from rxt_hf.recipes.recipe import apply_overrides
 
@@ -193,6 +221,8 @@ def test_overrides_change_recipe_values_before_validation(tmp_path):
     assert recipe.data["source"] == "stories.jsonl" and recipe.model["overrides"]["stm_size"] == 16
     assert recipe.stage("mrl").config["curriculum_steps"] == [1, 2]
     assert recipe.evaluation_data() == {**recipe.data, "subset": "steps-2"}
+    assert recipe.long_range_evaluation_data() == {**recipe.data, "subset": "steps-2", "num_turns": 4,
+                                                   "max_recall_distance": 3}
     # the YAML file and a mapping given to apply_overrides are not changed
     assert yaml.safe_load(path.read_text()) == TINY_RECIPE
     raw = json.loads(json.dumps(TINY_RECIPE))
@@ -203,6 +233,7 @@ def test_overrides_change_recipe_values_before_validation(tmp_path):
         (["seed.value=1"], "'seed' holds the int 0, not a mapping"),
         (["stages.smat.config.max_steps=many"], r"stages\[smat\].config.max_steps='many'"),
         (["data.subset=[1]"], r"data.subset=\[1\] is invalid: it must be a non-empty string or null"),
+        (["evaluation.long_range.num_turn=10"], r"evaluation.long_range.num_turn=10 is invalid: unknown key"),
     ]:
         with pytest.raises(ValueError, match=message):
             load_recipe(path, overrides)
