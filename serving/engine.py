@@ -579,7 +579,7 @@ class BatchingEngine:
                 message = f"Conversation {turn.conversation_id!r} was saved by a different model ({differences})."
                 self._finish(turn, TurnFailed(409, "incompatible_memory", message))
                 continue
-            except Exception as error:
+            except Exception:
                 logger.exception("reading conversation %s failed", turn.conversation_id)
                 self._finish(turn, TurnFailed(500, "store_error", "Reading the conversation failed: see the server log."))
                 continue
@@ -642,7 +642,6 @@ class BatchingEngine:
                     )
 
     def _update_memory(self, job: _UpdateJob) -> None:
-        config = self.model.config
         for turn in job.turns:
             turn.emit("memory_update_started")
         start = time.perf_counter()
@@ -675,7 +674,7 @@ class BatchingEngine:
                     turn, TurnFailed(404, "not_found", f"Conversation {turn.conversation_id!r} was deleted meanwhile.")
                 )
                 continue
-            except Exception as error:
+            except Exception:
                 logger.exception("committing conversation %s failed", turn.conversation_id)
                 self._finish(turn, TurnFailed(500, "store_error", "Saving the new memory failed: see the server log."))
                 continue

@@ -49,7 +49,7 @@ from rxt_hf.modeling_rxt.format_rxt import (
     special_token_ids,
 )
 
-from .synthetic_data import DATASET_KINDS, build_synthetic_dataset
+from .synthetic_data import build_synthetic_dataset
 
 __all__ = [
     "REQUIRED_COLUMNS",

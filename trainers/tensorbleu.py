@@ -469,7 +469,7 @@ def bleu_statistics(
     refs, ref_len, present = _references_tensor(
         references, cand.shape[0], pad_token_id, reference_lengths, cand.device
     )
-    batch, n_refs = refs.shape[0], refs.shape[1]
+    n_refs = refs.shape[1]
     # Tensors without pad id or lengths are all full length; otherwise checked on CPU only (no device sync).
     as_given = isinstance(candidates, torch.Tensor) and isinstance(references, torch.Tensor)
     full = as_given and pad_token_id is None and candidate_lengths is None and reference_lengths is None
