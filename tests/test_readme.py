@@ -15,9 +15,9 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     exec(compile(EXAMPLES[index], f"README example {index}", "exec"), {})
 
 
-@pytest.mark.parametrize("name", ["default-recipe-evaluation.json", "default-recipe-smat-evaluation.json"])
+@pytest.mark.parametrize("name", ["default-recipe-evaluation.json", "default-recipe-long-range-evaluation.json"])
 def test_readme_results_table_is_the_one_the_default_run_wrote(name):
-    """The README shows the default recipe's evaluations (final model; the SMAT model before stage 5) exactly as
+    """The README shows the default recipe's evaluations (6-turn and 10-turn test conversations) exactly as
     `rxt train` / `rxt eval` rendered them."""
     import json
 
