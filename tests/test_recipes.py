@@ -134,10 +134,13 @@ def test_tiny_recipe_end_to_end_restart_eval_and_chat(tmp_path, capsys, monkeypa
     summary = json.loads((out / "run_summary.json").read_text())
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert summary["final_model"].endswith("final") and "recall_accuracy" in evaluation
-    # the long-range evaluation plays the longer test conversations: 4 of 4 turns against 4 of 3
+    # the long-range evaluation plays as many test conversations, each 4 turns long instead of 3
     long_range = json.loads((out / "evaluation-long-range.json").read_text())
-    assert (evaluation["num_turns"], long_range["num_turns"]) == (12, 16)
-    assert summary["evaluation_long_range"]["num_turns"] == 16 and (out / "evaluation-long-range.md").is_file()
+    conversations = evaluation["num_conversations"]
+    assert conversations > 0 and long_range["num_conversations"] == conversations
+    assert (evaluation["num_turns"], long_range["num_turns"]) == (3 * conversations, 4 * conversations)
+    assert summary["evaluation_long_range"]["num_turns"] == 4 * conversations
+    assert (out / "evaluation-long-range.md").is_file()
     card = (out / "final" / "README.md").read_text()
     for stage in ("pretrain", "sft", "memory", "smat", "mrl"):
         assert stage in card or stage.replace("pretrain", "pretraining") in card
