@@ -36,7 +36,7 @@ from rxt_hf.trainers.evaluation import evaluate_memory, format_evaluation_table
 from .plots import plot_recall, plot_training_curves
 from .recipe import Recipe, StageSpec
 
-SYNTHETIC_KEYS = ("num_conversations", "num_turns", "max_recall_distance", "seed")
+SYNTHETIC_KEYS = ("num_conversations", "num_turns", "max_recall_distance", "seed", "same_kind_prob")
 PREFERENCE_FILE = "preference_evaluation.json"  # written by an rxrlhf stage: preference accuracy before / after
 
 

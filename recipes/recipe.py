@@ -13,6 +13,7 @@ data:                      # shared by all stages; a stage may override any key 
   num_conversations: 4000  # synthetic only
   num_turns: 6
   max_recall_distance: 4
+  same_kind_prob: 0.0      # synthetic only: chance that a fact repeats a kind planted before (two gifts, two towns)
 tokenizer: {vocab_size: 2000}          # or {path: folder-with-a-saved-tokenizer}
 model: {preset: rxt-tiny, overrides: {hidden_size: 128}}   # or {from_pretrained: folder}
 stages:
@@ -64,6 +65,7 @@ DATA_KEYS = {
     "num_conversations",
     "num_turns",
     "max_recall_distance",
+    "same_kind_prob",
     "seed",
     "turn_datasets",
     "split",
@@ -221,6 +223,9 @@ def _check_data(section: str, mapping: Any) -> dict:
         if not isinstance(data[key], str) or not data[key]:
             nullable = " or null" if key in ("subset", "eval_split") else ""
             raise recipe_error(f"{section}.{key}", data[key], f"it must be a non-empty string{nullable}.")
+    probability = data.get("same_kind_prob", 0.0)
+    if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
+        raise recipe_error(f"{section}.same_kind_prob", probability, "it must be a probability between 0 and 1, e.g. 0.5.")
     return data
 
 

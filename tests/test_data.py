@@ -211,6 +211,45 @@ def test_splits_share_no_conversation():
     assert list(zip(sft["test"]["query"], sft["test"]["answer"])) == expected
 
 
+def _recalls_with_a_same_kind_rival(conversations):
+    """How many recall questions have another fact of their kind planted before them, and how many in all."""
+    rivals = total = 0
+    for conv in conversations:
+        turns = conv["interactions"]
+        for i, turn in enumerate(turns):
+            if turn["turn_type"] != "recall":
+                continue
+            kind, plant = turn["fact_key"].split(":")[0], i - turn["recall_distance"]
+            total += 1
+            rivals += any(
+                other["turn_type"] == "plant" and j != plant and other["fact_key"].split(":")[0] == kind
+                for j, other in enumerate(turns[:i])
+            )
+    return rivals, total
+
+
+def test_same_kind_prob_plants_rival_facts_without_changing_the_default_data():
+    default = generate_conversations(300, num_turns=6, seed=0)
+    assert generate_conversations(300, num_turns=6, seed=0, same_kind_prob=0.0) == default
+    base_rivals, total = _recalls_with_a_same_kind_rival(default)
+    more_rivals, more_total = _recalls_with_a_same_kind_rival(generate_conversations(300, num_turns=6, seed=0, same_kind_prob=0.7))
+    assert total > 100 and more_total > 100
+    assert base_rivals / total < 0.3 < 0.5 < more_rivals / more_total
+    # still one fact per key: a rival has the same kind, never the same key
+    for conv in generate_conversations(100, num_turns=6, seed=0, same_kind_prob=1.0):
+        planted = [t["fact_key"] for t in conv["interactions"] if t["turn_type"] == "plant"]
+        assert len(planted) == len(set(planted))
+        assert len({key.split(":")[0] for key in planted}) == 1
+    # the split is by index: the test conversations of the default data keep their ids in a rival-rich build
+    ids = lambda ds, split: set(ds[split]["conversation_id"])  # noqa: E731
+    plain = build_synthetic_dataset("multi-turn", num_conversations=100, seed=0)
+    rich = build_synthetic_dataset("multi-turn", num_conversations=100, seed=0, same_kind_prob=0.5)
+    assert ids(plain, "test") == ids(rich, "test") and not ids(rich, "train") & ids(plain, "test")
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(ValueError, match="same_kind_prob"):
+            generate_conversations(2, same_kind_prob=bad)
+
+
 # ---------------------------------------------------------------------------------- loading
 
 

@@ -236,6 +236,7 @@ def test_overrides_change_recipe_values_before_validation(tmp_path):
         (["seed.value=1"], "'seed' holds the int 0, not a mapping"),
         (["stages.smat.config.max_steps=many"], r"stages\[smat\].config.max_steps='many'"),
         (["data.subset=[1]"], r"data.subset=\[1\] is invalid: it must be a non-empty string or null"),
+        (["stages.smat.data.same_kind_prob=2"], r"stages\[smat\].data.same_kind_prob=2 is invalid: it must be a probability"),
         (["evaluation.long_range.num_turn=10"], r"evaluation.long_range.num_turn=10 is invalid: unknown key"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -223,7 +223,7 @@ def load_rxt_dataset(source: str | None, kind: str, split: str | None = None,
             holds only ``supervised.jsonl``.
         **synthetic_kwargs: for the synthetic source, arguments of ``build_synthetic_dataset``
             (``num_conversations``, ``num_turns``, ``max_recall_distance``, ``seed``,
-            ``split_fractions``); for a Hub source, extra ``datasets.load_dataset`` arguments
+            ``split_fractions``, ``same_kind_prob``); for a Hub source, extra ``datasets.load_dataset`` arguments
             (``name``, ``revision`` ...). Not allowed for local files.
 
     Raises ``ValueError`` for an unknown ``kind`` or ``split``, a column to rename that does not

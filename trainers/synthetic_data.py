@@ -391,13 +391,22 @@ def _fill(template: str, slots: dict) -> str:
 
 
 def _make_conversation(world: SyntheticWorld, rng: random.Random, n: int, max_d: int,
-                       distractor_prob: float = 0.15) -> list[dict]:
+                       distractor_prob: float = 0.15, same_kind_prob: float = 0.0) -> list[dict]:
     pairs = _plan_turns(rng, n, max_d)
     turns: list[dict | None] = [None] * n
     used_keys: set[str] = set()
-    for i, d in pairs:
-        fact = world.sample_fact(rng, used_keys)
+
+    def new_fact() -> dict:
+        # with same_kind_prob, a kind already planted here: two gifts, two towns... (the recall then needs the key)
+        kind = None
+        if same_kind_prob > 0 and used_keys and rng.random() < same_kind_prob:
+            kind = rng.choice(sorted({key.split(":")[0] for key in used_keys}))
+        fact = world.sample_fact(rng, used_keys, kind=kind)
         used_keys.add(fact["key"])
+        return fact
+
+    for i, d in pairs:
+        fact = new_fact()
         turns[i] = _plant_turn(fact, rng)
         turns[i + d] = {
             "query": _fill(rng.choice(_ASK_TEMPLATES[fact["kind"]]), fact["slots"]),
@@ -411,9 +420,7 @@ def _make_conversation(world: SyntheticWorld, rng: random.Random, n: int, max_d:
         if turns[t] is not None:
             continue
         if rng.random() < distractor_prob:  # a fact that is never asked for
-            fact = world.sample_fact(rng, used_keys)
-            used_keys.add(fact["key"])
-            turns[t] = _plant_turn(fact, rng)
+            turns[t] = _plant_turn(new_fact(), rng)
         else:
             q, a = world.filler(rng)
             turns[t] = {"query": q, "answer": a, "recall_distance": 0, "fact_key": None,
@@ -450,7 +457,7 @@ def _turn_range(num_turns) -> tuple[int, int]:
 
 def generate_conversations(num_conversations: int, num_turns: int | tuple[int, int] = 6,
                            max_recall_distance: int = 4, seed: int = 0,
-                           world: SyntheticWorld | None = None) -> list[dict]:
+                           world: SyntheticWorld | None = None, same_kind_prob: float = 0.0) -> list[dict]:
     """Generate ``num_conversations`` fact-recall conversations.
 
     Args:
@@ -462,27 +469,35 @@ def generate_conversations(num_conversations: int, num_turns: int | tuple[int, i
         seed: everything is deterministic in ``seed``; conversation ``i`` depends only on
             ``(seed, i)`` so a larger ``num_conversations`` extends, not reshuffles, the list.
         world: the pools (default ``SyntheticWorld(seed)``; the pools are seed-independent).
+        same_kind_prob: the probability that a fact after a conversation's first is of a kind already planted
+            in it (two gifts from two friends, two towns...), so that its recall needs the key, not only the
+            kind. 0 (the default) draws every kind uniformly.
 
     Returns a list of ``{"conversation_id": str, "interactions": [{"query", "answer",
     "recall_distance", "fact_key", "answer_keywords", "turn_type"}]}``; ``recall_distance`` is
     0 for non-recall turns, ``fact_key`` is set on planting and recall turns.
     """
     return [conv for conv, _ in _generate(num_conversations, num_turns, max_recall_distance,
-                                          seed, world)]
+                                          seed, world, same_kind_prob)]
 
 
-def _generate(num_conversations, num_turns, max_recall_distance, seed, world=None):
+def _generate(num_conversations, num_turns, max_recall_distance, seed, world=None, same_kind_prob=0.0):
     """Yield ``(conversation, story)`` pairs (the story uses the conversation's facts)."""
     if num_conversations < 0:
         raise ValueError(f"num_conversations={num_conversations} must be >= 0.")
     if max_recall_distance < 1:
         raise ValueError(f"max_recall_distance={max_recall_distance} must be >= 1.")
+    if not isinstance(same_kind_prob, (int, float)) or not 0.0 <= same_kind_prob <= 1.0:
+        raise ValueError(
+            f"same_kind_prob={same_kind_prob!r} must be a probability between 0 and 1, e.g. 0.5 "
+            f"(0: every fact's kind drawn uniformly)."
+        )
     lo, hi = _turn_range(num_turns)
     world = world or SyntheticWorld(seed)
     for i in range(num_conversations):
         rng = random.Random(int(seed) * 1_000_003 + i)
         n = rng.randint(lo, hi)
-        turns = _make_conversation(world, rng, n, max_recall_distance)
+        turns = _make_conversation(world, rng, n, max_recall_distance, same_kind_prob=same_kind_prob)
         facts = [t.pop("_fact") for t in turns if "_fact" in t]
         story = story_for_conversation(facts, world, rng)
         yield {"conversation_id": f"synth-{seed}-{i:06d}", "interactions": turns}, story
@@ -604,7 +619,8 @@ def _features(kind: str):
 def build_synthetic_dataset(kind: str, num_conversations: int = 2000,
                             num_turns: int | tuple[int, int] = 6, max_recall_distance: int = 4,
                             seed: int = 0,
-                            split_fractions: Sequence[float] = (0.9, 0.05, 0.05)):
+                            split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
+                            same_kind_prob: float = 0.0):
     """Build the embedded data set of one ``kind`` as a ``datasets.DatasetDict``.
 
     ``kind``: ``"pretraining"`` (column ``text``), ``"interaction-sft"`` (``query``,
@@ -612,6 +628,8 @@ def build_synthetic_dataset(kind: str, num_conversations: int = 2000,
     ``recall_distance``, ``answer_keywords``, ``conversation_id``). The conversations are
     split into ``train`` / ``validation`` / ``test`` (shuffled with ``seed``, by
     ``split_fractions``) *before* flattening, so no conversation crosses splits.
+    ``same_kind_prob``: see :func:`generate_conversations`; the split is by conversation index, so with the
+    same ``seed`` and ``num_conversations`` no train conversation has a test conversation's index.
     """
     if kind not in DATASET_KINDS:
         raise ValueError(
@@ -619,7 +637,7 @@ def build_synthetic_dataset(kind: str, num_conversations: int = 2000,
         )
     from datasets import Dataset, DatasetDict
 
-    pairs = list(_generate(num_conversations, num_turns, max_recall_distance, seed))
+    pairs = list(_generate(num_conversations, num_turns, max_recall_distance, seed, same_kind_prob=same_kind_prob))
     convs = [conv for conv, _ in pairs]
     stories = {conv["conversation_id"]: story for conv, story in pairs}
     order = list(range(len(convs)))
