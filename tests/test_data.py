@@ -15,6 +15,7 @@ from rxt_hf.trainers.data import (
     tokenize_interaction,
 )
 from rxt_hf.trainers.synthetic_data import (
+    FACT_KINDS,
     SyntheticWorld,
     build_synthetic_dataset,
     generate_conversations,
@@ -180,11 +181,17 @@ def test_dataset_kinds_columns():
     assert sum(len(s) for s in sft.values()) == 40 * 5
     assert set(mt["train"].column_names) == {"query", "answer", "interactions",
                                             "recall_distance", "answer_keywords",
-                                            "conversation_id"}
+                                            "fact_keys", "conversation_id"}
     row = mt["train"][0]
     assert len(row["interactions"]) == 4
     assert set(row["interactions"][0]) == {"query", "answer"}
     assert len(row["recall_distance"]) == len(row["answer_keywords"]) == 4
+    assert len(row["fact_keys"]) == 5  # one per turn, the first included
+    for row in mt["train"]:
+        keys = row["fact_keys"]
+        for turn, d in enumerate(row["recall_distance"], start=1):
+            if d > 0:  # a recall turn names the fact planted d turns before it
+                assert keys[turn] and keys[turn] == keys[turn - d] and keys[turn].split(":")[0] in FACT_KINDS
     assert all(isinstance(t, str) for t in pre["train"]["text"])
 
 

@@ -31,6 +31,21 @@ def conversations():
     return rows
 
 
+def scripted_generation(tokenizer, answers: dict):
+    """A `generate_fn` that answers each prompt (token ids without padding) with `answers[prompt]`."""
+    ids = special_token_ids(tokenizer)
+
+    def generate(model, input_ids, attention_mask, stm_state, max_new_tokens, eos_token_id, pad_token_id):
+        out = []
+        for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            answer = answers[tuple(t for t, m in zip(row, mask) if m)]
+            out.append(row + tokenizer(answer, add_special_tokens=False)["input_ids"] + [ids["eos_token_id"]])
+        width = max(len(o) for o in out)
+        return torch.tensor([o + [ids["pad_token_id"]] * (width - len(o)) for o in out])
+
+    return generate
+
+
 @pytest.fixture(scope="module")
 def model(tiny_tokenizer):
     config = RxTConfig.from_preset(
@@ -143,17 +158,8 @@ def test_oracle_generation_scores_full_recall(model, tiny_tokenizer, conversatio
     for row in conversations:
         for q, a in [(row["query"], row["answer"])] + [(t["query"], t["answer"]) for t in row["interactions"]]:
             answers.setdefault(tuple(encode_interaction(tiny_tokenizer, q)), set()).add(a)
-    eos = special_token_ids(tiny_tokenizer)["eos_token_id"]
-    pad = special_token_ids(tiny_tokenizer)["pad_token_id"]
-
-    def oracle(model, input_ids, attention_mask, stm_state, max_new_tokens, eos_token_id, pad_token_id):
-        out = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            prompt = tuple(t for t, m in zip(ids, mask) if m)
-            answer = sorted(answers[prompt])[0]  # recall queries are unambiguous (checked below)
-            out.append(ids + tiny_tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos])
-        width = max(len(o) for o in out)
-        return torch.tensor([o + [pad] * (width - len(o)) for o in out])
+    # recall queries are unambiguous (checked below)
+    oracle = scripted_generation(tiny_tokenizer, {prompt: sorted(texts)[0] for prompt, texts in answers.items()})
 
     # only conversations whose recall queries are unambiguous
     rows = [
@@ -165,6 +171,53 @@ def test_oracle_generation_scores_full_recall(model, tiny_tokenizer, conversatio
     assert result["recall_count_overall"] > 0
     assert result["recall_accuracy_overall"] == 1.0
     assert all(acc == 1.0 for acc in result["recall_accuracy"].values())
+
+
+def test_recall_split_by_fact_kind_and_same_kind_rival(model, tiny_tokenizer):
+    """Two gifts then a painted door: the gift question has a rival (the other gift), the colour question none."""
+    row = {
+        "query": "Anna gave me a red cup.", "answer": "Okay.",
+        "interactions": [
+            {"query": "Bob gave me a blue hat.", "answer": "Okay."},
+            {"query": "I painted the door green.", "answer": "Okay."},
+            {"query": "What did Anna give me?", "answer": "Anna gave you a red cup."},
+            {"query": "What colour is the door?", "answer": "The door is green."},
+        ],
+        "recall_distance": [0, 0, 3, 2],
+        "answer_keywords": [[], [], ["red", "cup"], ["green"]],
+        "fact_keys": ["gift:Anna", "gift:Bob", "paint:door", "gift:Anna", "paint:door"],
+        "conversation_id": "two-gifts",
+    }
+    # the gift question gets the rival's value, every other turn its reference
+    answers = {tuple(encode_interaction(tiny_tokenizer, t["query"])): t["answer"] for t in row["interactions"]}
+    answers[tuple(encode_interaction(tiny_tokenizer, "What did Anna give me?"))] = "Bob gave you a blue hat."
+    answers[tuple(encode_interaction(tiny_tokenizer, row["query"]))] = "Okay."
+    scripted = scripted_generation(tiny_tokenizer, answers)
+
+    result = evaluate_memory(model, tiny_tokenizer, [row], max_new_tokens=12, progress=False, generate_fn=scripted)
+    assert result["recall_by_same_kind_rival"] == {
+        "with_rival": {"accuracy": 0.0, "count": 1}, "without_rival": {"accuracy": 1.0, "count": 1}
+    }
+    assert result["recall_by_fact_kind"] == {"gift": {"accuracy": 0.0, "count": 1}, "paint": {"accuracy": 1.0, "count": 1}}
+    table = format_evaluation_table(json.loads(json.dumps(result)))
+    assert "another fact of the asked kind came before the question: 0.0% (1 questions); when none did: 100.0% (1)" in table
+    assert "Recall by fact kind: gift 0.0% (1), paint 100.0% (1)." in table
+
+    without = {k: v for k, v in row.items() if k != "fact_keys"}  # the public data sets: no split, no error
+    plain = evaluate_memory(model, tiny_tokenizer, [without], max_new_tokens=12, progress=False, generate_fn=scripted)
+    assert "recall_by_same_kind_rival" not in plain and "recall_by_fact_kind" not in plain
+    assert plain["recall_accuracy_overall"] == result["recall_accuracy_overall"] == 0.5
+
+    with pytest.raises(ValueError, match="fact_keys has 4 entries .* one entry per turn"):
+        evaluate_memory(model, tiny_tokenizer, [dict(row, fact_keys=row["fact_keys"][1:])], progress=False)
+
+
+def test_synthetic_rows_split_recall_by_rival(batched):
+    """The embedded data carries fact_keys: every recall question lands in one group of each split."""
+    total = batched["recall_count_overall"]
+    assert sum(g["count"] for g in batched["recall_by_same_kind_rival"].values()) == total
+    assert sum(g["count"] for g in batched["recall_by_fact_kind"].values()) == total
+    assert set(batched["recall_by_fact_kind"]) <= {"put", "lives", "called", "gift", "paint", "count"}
 
 
 def test_bad_arguments_raise(model, tiny_tokenizer, conversations):

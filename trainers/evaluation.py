@@ -21,7 +21,10 @@ conversation's result does not depend on the batch it is in.
 Rows use the multi-turn layout of the embedded data (and the public RxT data sets): ``query``,
 ``answer``, ``interactions: [{query, answer}]``, and optionally ``recall_distance`` and
 ``answer_keywords`` (one entry per follow-up interaction; the first turn is never a recall turn).
-Without them only perplexity is measured.
+Without them only perplexity is measured. With the optional ``fact_keys`` column of the embedded data (one
+``"kind:key"`` per turn, the first included, ``""`` where no fact is planted or asked for) recall is also split
+by fact kind and by whether another fact of the asked kind (a second gift, a second friend's town) was planted
+before the question: the questions that test the binding of a key to its value.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def _conversation_turns(row: Mapping[str, Any], index: int) -> dict:
     follow = list(row.get("interactions") or [])
     distances = row.get("recall_distance")
     keywords = row.get("answer_keywords")
+    fact_keys = row.get("fact_keys")
     if distances is not None and len(distances) != len(follow):
         raise ValueError(
             f"evaluation row {index}: recall_distance has {len(distances)} entries but interactions has "
@@ -92,6 +96,11 @@ def _conversation_turns(row: Mapping[str, Any], index: int) -> dict:
         raise ValueError(
             f"evaluation row {index}: answer_keywords has {len(keywords)} entries but interactions has "
             f"{len(follow)}; they must have one entry per follow-up interaction."
+        )
+    if fact_keys is not None and len(fact_keys) != len(follow) + 1:
+        raise ValueError(
+            f"evaluation row {index}: fact_keys has {len(fact_keys)} entries but the conversation has "
+            f"{len(follow) + 1} turns; it must have one entry per turn, the first interaction included."
         )
     turns = [{"query": row["query"], "answer": row["answer"], "distance": 0, "keywords": []}]
     for j, turn in enumerate(follow):
@@ -103,7 +112,21 @@ def _conversation_turns(row: Mapping[str, Any], index: int) -> dict:
                 "keywords": list(keywords[j]) if keywords is not None else [],
             }
         )
+    if fact_keys is not None:
+        _mark_same_kind_rivals(turns, [str(key or "") for key in fact_keys])
     return {"id": str(row.get("conversation_id", index)), "turns": turns}
+
+
+def _mark_same_kind_rivals(turns: list[dict], fact_keys: list[str]) -> None:
+    """Set ``fact_kind`` on every turn that plants or asks for a fact and, on recall turns, ``same_kind_rival``:
+    whether another fact of that kind (another key) was planted or asked for before the question."""
+    kinds = [key.split(":")[0] if key else None for key in fact_keys]
+    for k, turn in enumerate(turns):
+        turn["fact_kind"] = kinds[k]
+        if turn["distance"] > 0 and kinds[k] is not None:
+            turn["same_kind_rival"] = any(
+                kinds[j] == kinds[k] and fact_keys[j] != fact_keys[k] for j in range(k)
+            )
 
 
 def _rows(dataset, max_conversations: int | None) -> list[Mapping[str, Any]]:
@@ -206,8 +229,10 @@ def evaluate_memory(
         ``answer_perplexity`` / ``answer_perplexity_no_memory``, ``recall_accuracy`` /
         ``recall_accuracy_no_memory`` / ``recall_count`` (dicts keyed by the int distance),
         ``recall_accuracy_overall`` / ``recall_accuracy_overall_no_memory`` / ``recall_count_overall``
-        (``None`` accuracies when there is no recall turn), ``max_recall_distance``, the settings
-        used, ``num_truncated_references`` and ``examples``.
+        (``None`` accuracies when there is no recall turn), with ``fact_keys`` in the rows
+        ``recall_by_fact_kind`` / ``recall_by_same_kind_rival`` (``{group: {"accuracy", "count"}}``, groups
+        ``with_rival`` / ``without_rival``), ``max_recall_distance``, the settings used,
+        ``num_truncated_references`` and ``examples``.
     """
     if memory_from not in MEMORY_SOURCES:
         raise ValueError(f"memory_from={memory_from!r}: choose one of {MEMORY_SOURCES}.")
@@ -316,6 +341,8 @@ def evaluate_memory(
                             "generated_no_memory": text_control,
                             "correct": keywords_match(text, turn["keywords"]) if recall else None,
                             "correct_no_memory": keywords_match(text_control, turn["keywords"]) if recall else None,
+                            "fact_kind": turn.get("fact_kind"),
+                            "same_kind_rival": turn.get("same_kind_rival"),
                             "answer_loss": loss_sums[j] / max(counts[j], 1),
                             "answer_loss_no_memory": loss_sums[n + j] / max(counts[n + j], 1),
                         }
@@ -372,6 +399,7 @@ def _summarise(turns, sums, num_conversations, truncated, num_examples, return_t
             sum(t["correct_no_memory"] for t in recall) / len(recall) if recall else None
         ),
         "recall_count_overall": len(recall),
+        **_recall_by_fact(recall),
         "max_recall_distance": max(distances) if distances else 0,
         **settings,
         "num_truncated_references": truncated,
@@ -384,6 +412,28 @@ def _summarise(turns, sums, num_conversations, truncated, num_examples, return_t
     if return_turns:
         result["turns"] = turns
     return result
+
+
+def _recall_by_fact(recall: list[dict]) -> dict:
+    """``recall_by_fact_kind`` and ``recall_by_same_kind_rival`` (``{group: {"accuracy", "count"}}``) when the
+    rows carry ``fact_keys``; nothing otherwise."""
+    known = [t for t in recall if t["fact_kind"] is not None]
+    if not known:
+        return {}
+
+    def split(group_of) -> dict:
+        groups: dict[str, list[dict]] = {}
+        for t in known:
+            groups.setdefault(group_of(t), []).append(t)
+        return {
+            name: {"accuracy": sum(t["correct"] for t in members) / len(members), "count": len(members)}
+            for name, members in sorted(groups.items())
+        }
+
+    return {
+        "recall_by_fact_kind": split(lambda t: t["fact_kind"]),
+        "recall_by_same_kind_rival": split(lambda t: "with_rival" if t["same_kind_rival"] else "without_rival"),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,4 +481,17 @@ def format_evaluation_table(result: Mapping[str, Any]) -> str:
         f"({result.get('num_conversations', 0)} conversations, {result.get('num_turns', 0)} turns; "
         f"memory written from {result.get('memory_from', 'generated')} answers)."
     )
+    rival, kinds = result.get("recall_by_same_kind_rival"), result.get("recall_by_fact_kind")
+    if rival:
+        with_rival, without = rival.get("with_rival") or {}, rival.get("without_rival") or {}
+        lines.append("")
+        lines.append(
+            f"Recall when another fact of the asked kind came before the question: {_pct(with_rival.get('accuracy'))} "
+            f"({with_rival.get('count', 0)} questions); when none did: {_pct(without.get('accuracy'))} "
+            f"({without.get('count', 0)})."
+        )
+    if kinds:
+        listed = ", ".join(f"{kind} {_pct(g['accuracy'])} ({g['count']})" for kind, g in kinds.items())
+        lines.append("")
+        lines.append(f"Recall by fact kind: {listed}.")
     return "\n".join(lines)

@@ -42,7 +42,9 @@ Data set kinds (:func:`build_synthetic_dataset`), in the columns of the public R
 - ``"interaction-sft"``: ``query``, ``answer`` (one row per interaction);
 - ``"multi-turn"``: ``query``, ``answer`` (first interaction), ``interactions`` (the following
   ``[{query, answer}]``), plus ``recall_distance`` and ``answer_keywords`` (one entry per
-  follow-up) and ``conversation_id``.
+  follow-up), ``fact_keys`` (one per turn, the first included: the ``fact_key`` a turn plants or
+  asks for, ``""`` for small talk; :func:`~rxt_hf.trainers.evaluation.evaluate_memory` splits recall by
+  fact kind and by whether another fact of the kind came before) and ``conversation_id``.
 
 Splits are made by conversation before flattening, so train / validation / test share no
 conversation. Everything is deterministic in the seed (Python's ``random.Random`` with integer
@@ -594,6 +596,7 @@ def _rows(kind: str, convs: list[dict], stories: dict[str, str]) -> list[dict]:
                 "interactions": [{"query": t["query"], "answer": t["answer"]} for t in turns[1:]],
                 "recall_distance": [int(t["recall_distance"]) for t in turns[1:]],
                 "answer_keywords": [list(t["answer_keywords"]) for t in turns[1:]],
+                "fact_keys": [t["fact_key"] or "" for t in turns],
                 "conversation_id": conv["conversation_id"],
             })
     return rows
@@ -612,6 +615,7 @@ def _features(kind: str):
         "interactions": List({"query": Value("string"), "answer": Value("string")}),
         "recall_distance": List(Value("int32")),
         "answer_keywords": List(List(Value("string"))),
+        "fact_keys": List(Value("string")),
         "conversation_id": Value("string"),
     })
 
@@ -625,7 +629,7 @@ def build_synthetic_dataset(kind: str, num_conversations: int = 2000,
 
     ``kind``: ``"pretraining"`` (column ``text``), ``"interaction-sft"`` (``query``,
     ``answer``) or ``"multi-turn"`` (``query``, ``answer``, ``interactions``,
-    ``recall_distance``, ``answer_keywords``, ``conversation_id``). The conversations are
+    ``recall_distance``, ``answer_keywords``, ``fact_keys``, ``conversation_id``). The conversations are
     split into ``train`` / ``validation`` / ``test`` (shuffled with ``seed``, by
     ``split_fractions``) *before* flattening, so no conversation crosses splits.
     ``same_kind_prob``: see :func:`generate_conversations`; the split is by conversation index, so with the
